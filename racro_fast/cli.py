@@ -1,0 +1,86 @@
+"""`racro-fast train | eval | bench | profile | synth`
+
+    racro-fast train --config configs/demo_cpu.yaml [section.field=value ...]
+    racro-fast eval --captioner runs/demo/export --reasoner PATH --data FILE ...
+    racro-fast bench [fused_linear_logprob|logprob_from_logits|grpo_loss] [-- script args]
+    racro-fast profile --config configs/demo_cpu.yaml --steps 3      # torch.profiler trace of a few steps
+    racro-fast synth --out data/count.parquet --n 1000 --task count
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHES = ("fused_linear_logprob", "logprob_from_logits", "grpo_loss")
+
+
+def _bench(argv: list[str]) -> int:
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not root.is_dir():
+        print("racro-fast bench: the benchmarks/ folder ships with the source tree; run it from a checkout",
+              file=sys.stderr)
+        return 2
+    names = [a for a in argv if a in BENCHES] or list(BENCHES)
+    rest = [a for a in argv if a not in BENCHES and a != "--"]
+    rc = 0
+    for name in names:
+        rc |= subprocess.call([sys.executable, str(root / f"bench_{name}.py"), *rest])
+    return rc
+
+
+def _profile(argv: list[str]) -> int:
+    import argparse
+
+    import torch
+
+    from racro_fast.config import load_config
+    from racro_fast.train import train
+
+    p = argparse.ArgumentParser(prog="racro-fast profile")
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, [*args.overrides, f"train.steps={args.steps}", "run.save_every=0",
+                                    "run.export=false", "run.resume=none"])
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
+        train(cfg)
+    trace = out / "profile_trace.json"
+    prof.export_chrome_trace(str(trace))
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25))
+    print(f"trace: {trace} (open in chrome://tracing or Perfetto)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        from racro_fast.train import main as train_main
+        return train_main(rest)
+    if cmd == "eval":
+        from racro_fast.evaluate import main as eval_main
+        return eval_main(rest)
+    if cmd == "synth":
+        from racro_fast.synth import main as synth_main
+        return synth_main(rest)
+    if cmd == "bench":
+        return _bench(rest)
+    if cmd == "profile":
+        return _profile(rest)
+    print(f"racro-fast: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,274 @@
+"""Run configuration: a few flat dataclasses, a YAML file that holds only what differs, and
+`section.field=value` overrides on the command line.
+
+    cfg = load_config("configs/demo_cpu.yaml", ["train.lr=1e-4", "run.output_dir=runs/x"])
+
+Every value is checked at start-up: an unknown key, a value of the wrong type or an impossible
+combination raises `ConfigError` naming the field (`train.mini_batch: ...`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message starts with the field's dotted name."""
+
+
+@dataclass
+class ModelConfig:
+    captioner: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # path or hub id; "tiny" builds the CPU demo model
+    reasoner: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"  # frozen, text only; "tiny" as above
+    dtype: str = "bfloat16"  # parameter dtype: bfloat16 | float32 (fp32 reductions either way)
+    attn_impl: str = "auto"  # auto: flash_attention_2 on GPU when installed, else sdpa
+    gradient_checkpointing: bool = True
+    liger: bool = True  # Liger-Kernel RMSNorm/SwiGLU/RoPE patches, on GPU when installed
+    freeze_vision: bool = False  # train the language model only
+    min_pixels: int = 3136  # image resize bounds (Qwen2.5-VL: 28*28*4 .. 28*28*1280)
+    max_pixels: int = 1003520
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)  # parquet / jsonl / folders
+    format: str = "auto"  # auto | parquet | jsonl
+    synth_task: str = ""  # "count" | "bars" | "arith": generate rows instead of reading files
+    synth_rows: int = 2048
+    image_size: int = 56  # synthetic image side in pixels
+    max_prompt_len: int = 8192  # longer captioner prompts are skipped and counted
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"  # vllm | hf (transformers generate; the CPU path)
+    group_size: int = 4  # G captions per question (paper: 4)
+    temperature: float = 1.0  # captioner sampling temperature; the loss uses the same one
+    top_p: float = 1.0
+    max_caption_tokens: int = 8192
+    reasoner_samples: int = 1  # k answers per caption; reward = mean correctness (paper: 1)
+    reasoner_temperature: float = 1.0
+    reasoner_top_p: float = 1.0
+    max_reasoner_tokens: int = 8192
+    reward: str = "boxed_math"  # key of rewards.REWARD_FUNCS
+    reward_timeout: float = 5.0  # seconds per grading call; a timeout scores 0
+    reward_workers: int = 2
+    captioner_gpu_fraction: float = 0.3  # vLLM gpu_memory_utilization of each engine
+    reasoner_gpu_fraction: float = 0.3
+    reasoner_tp: int = 1  # tensor-parallel size of the reasoner engine
+    max_model_len: int = 16384
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer rollouts (each: questions_per_step questions)
+    questions_per_step: int = 256  # paper: 256
+    mini_batch: int = 128  # questions per optimizer step (paper: 128 -> 2 updates per rollout)
+    micro_batch: int = 8  # sequences per forward/backward
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine
+    grad_clip: float = 1.0
+    clip_low: float = 0.2  # PPO eps_low
+    clip_high: float = 0.2  # PPO eps_high
+    dual_clip: float = 0.0  # c > 1 turns dual-clip on for negative advantages; 0 = off
+    kl_coef: float = 0.001  # KL to the reference as a loss term (paper: 0.001, low_var_kl)
+    kl_type: str = "k3"  # k1 | k2 | k3
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    scale_adv_by_std: bool = True  # False: Dr. GRPO advantages
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/racro"
+    save_every: int = 50  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (newest complete checkpoint) | none | a checkpoint path
+    export: bool = True  # write the captioner as safetensors + tokenizer at the end
+    progress: bool = True  # progress bar
+    tensorboard: bool = False
+    wandb_project: str = ""  # empty: W&B off
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class DistConfig:
+    backend: str = "fsdp2"  # fsdp2 | deepspeed; used only under torchrun with world size > 1
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    offload_optimizer: bool = True  # optimizer state to pinned CPU memory while engines generate
+    offload_params: bool = False
+    weight_bucket_mb: int = 512  # size of the buckets gathered and pushed to the captioner engine
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "model.dtype": ("bfloat16", "float32"),
+    "model.attn_impl": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "data.format": ("auto", "parquet", "jsonl"),
+    "data.synth_task": ("", "count", "bars", "arith"),
+    "rollout.engine": ("vllm", "hf"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "train.kl_type": ("k1", "k2", "k3"),
+    "train.loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+    "run.device": ("auto", "cpu", "cuda"),
+    "dist.backend": ("fsdp2", "deepspeed"),
+}
+
+
+def _coerce(name: str, value, typ):
+    """Turn a YAML value or a command-line string into `typ`, or raise naming the field."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if not value.startswith("[") else yaml.safe_load(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{name}: unsupported field type {typ}")
+
+
+def _section_types(section) -> dict:
+    return typing.get_type_hints(type(section))
+
+
+def _set(cfg: Config, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"{dotted}: expected section.field (e.g. train.lr)")
+    sec_name, key = parts
+    if sec_name not in {f.name for f in dataclasses.fields(cfg)}:
+        raise ConfigError(f"{dotted}: unknown section {sec_name!r}")
+    section = getattr(cfg, sec_name)
+    types = _section_types(section)
+    if key not in types:
+        raise ConfigError(f"{dotted}: unknown field (known: {', '.join(types)})")
+    setattr(section, key, _coerce(dotted, value, types[key]))
+
+
+def validate(cfg: Config) -> Config:
+    """Reject impossible values and combinations at start-up, naming the field."""
+    for dotted, choices in _CHOICES.items():
+        sec, key = dotted.split(".")
+        if getattr(getattr(cfg, sec), key) not in choices:
+            raise ConfigError(f"{dotted}: {getattr(getattr(cfg, sec), key)!r} is not one of {choices}")
+    t, r, d, m = cfg.train, cfg.rollout, cfg.data, cfg.model
+
+    def need(ok: bool, name: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{name}: {msg}")
+
+    need(r.group_size >= 2, "rollout.group_size", "GRPO needs at least 2 captions per question")
+    need(r.reasoner_samples >= 1, "rollout.reasoner_samples", "must be >= 1")
+    need(r.temperature > 0, "rollout.temperature", "training rollouts must sample (temperature > 0)")
+    need(r.reasoner_temperature >= 0, "rollout.reasoner_temperature", "must be >= 0")
+    need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    need(0 < r.reasoner_top_p <= 1, "rollout.reasoner_top_p", "must be in (0, 1]")
+    need(r.max_caption_tokens >= 1, "rollout.max_caption_tokens", "must be >= 1")
+    need(r.max_reasoner_tokens >= 1, "rollout.max_reasoner_tokens", "must be >= 1")
+    need(r.reward_timeout > 0, "rollout.reward_timeout", "must be > 0")
+    need(r.reward_workers >= 1, "rollout.reward_workers", "must be >= 1")
+    for name in ("captioner_gpu_fraction", "reasoner_gpu_fraction"):
+        need(0 < getattr(r, name) < 1, f"rollout.{name}", "must be in (0, 1)")
+    need(r.captioner_gpu_fraction + r.reasoner_gpu_fraction < 0.95, "rollout.reasoner_gpu_fraction",
+         "the two engines' GPU fractions leave no room for training (sum must be < 0.95)")
+    need(t.steps >= 1, "train.steps", "must be >= 1")
+    need(t.questions_per_step >= 1, "train.questions_per_step", "must be >= 1")
+    need(1 <= t.mini_batch <= t.questions_per_step, "train.mini_batch", "must be in [1, questions_per_step]")
+    need(t.questions_per_step % t.mini_batch == 0, "train.mini_batch",
+         f"must divide train.questions_per_step ({t.questions_per_step})")
+    need(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
+    need(t.lr > 0, "train.lr", "must be > 0")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(0 <= t.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")
+    need(0 <= t.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
+    need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    need(t.grad_clip > 0, "train.grad_clip", "must be > 0")
+    need(0 <= t.clip_low < 1, "train.clip_low", "must be in [0, 1)")
+    need(t.clip_high >= 0, "train.clip_high", "must be >= 0")
+    need(t.dual_clip == 0 or t.dual_clip > 1, "train.dual_clip", "must be 0 (off) or > 1")
+    need(t.kl_coef >= 0, "train.kl_coef", "must be >= 0")
+    need(t.entropy_coef >= 0, "train.entropy_coef", "must be >= 0")
+    need(bool(d.train_files) != bool(d.synth_task), "data.train_files",
+         "give either data.train_files or data.synth_task (exactly one)")
+    need(d.synth_rows >= 1, "data.synth_rows", "must be >= 1")
+    need(d.image_size >= 28, "data.image_size", "must be >= 28 (one merged 28x28 patch)")
+    need(d.max_prompt_len >= 1, "data.max_prompt_len", "must be >= 1")
+    need(0 < m.min_pixels <= m.max_pixels, "model.min_pixels", "must be > 0 and <= model.max_pixels")
+    need(cfg.run.save_every >= 0, "run.save_every", "must be >= 0")
+    need(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
+    need(cfg.dist.weight_bucket_mb >= 1, "dist.weight_bucket_mb", "must be >= 1")
+    if (m.captioner == "tiny") != (m.reasoner == "tiny"):
+        raise ConfigError("model.reasoner: the tiny demo captioner and reasoner share a tokenizer: "
+                          "set both model.captioner and model.reasoner to 'tiny', or neither")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- `section.field=value` overrides, then `validate`."""
+    cfg = Config()
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections")
+        for sec_name, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{sec_name}: expected a mapping of fields, got {values!r}")
+            for key, value in values.items():
+                _set(cfg, f"{sec_name}.{key}", value)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides are section.field=value")
+        key, value = item.split("=", 1)
+        _set(cfg, key.strip(), value.strip())
+    return validate(cfg)

@@ -1,0 +1,59 @@
+"""Config loading: YAML + overrides, types, and start-up rejection naming the field."""
+from pathlib import Path
+
+import pytest
+
+from racro_fast.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_shipped_config_loads():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(configs) >= 4, configs
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.rollout.group_size >= 2, path
+
+
+def test_paper_hyperparameters_in_the_7b_config():
+    cfg = load_config(ROOT / "configs" / "qwen25vl_7b_r1_7b.yaml")
+    t, r = cfg.train, cfg.rollout
+    assert (r.group_size, t.questions_per_step, t.mini_batch) == (4, 256, 128)
+    assert (t.lr, t.weight_decay, t.clip_low, t.clip_high) == (1e-6, 0.01, 0.2, 0.2)
+    assert (t.kl_type, t.kl_coef, t.entropy_coef, t.loss_agg) == ("k3", 0.001, 0.0, "token-mean")
+    assert (r.reasoner_samples, r.reasoner_temperature, r.max_caption_tokens) == (1, 1.0, 8192)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml",
+                      ["train.lr=1e-3", "train.steps=7", "run.progress=false", "data.train_files=a.parquet,b.jsonl",
+                       "data.synth_task="])
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.train.steps == 7 and cfg.run.progress is False
+    assert cfg.data.train_files == ["a.parquet", "b.jsonl"]
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.lr=fast", "train.lr"),
+    ("train.steps=1.5", "train.steps"),
+    ("rollout.group_size=1", "rollout.group_size"),
+    ("train.mini_batch=5", "train.mini_batch"),
+    ("train.loss_agg=mean", "train.loss_agg"),
+    ("train.nope=1", "train.nope"),
+    ("nosection.x=1", "nosection.x"),
+    ("run.progress=maybe", "run.progress"),
+    ("train.dual_clip=0.5", "train.dual_clip"),
+    ("rollout.captioner_gpu_fraction=0.7", "rollout.reasoner_gpu_fraction"),
+])
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "demo_cpu.yaml", [override])
+    assert str(err.value).startswith(field), str(err.value)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lrr: 1.0\n")
+    with pytest.raises(ConfigError, match=r"^train\.lrr"):
+        load_config(path)
