@@ -16,7 +16,7 @@ demo: setup
 	racro-fast train --config configs/demo_cpu.yaml
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -P -m pytest -q tests
 
 bench: setup
 	$(PY) benchmarks/bench_fused_linear_logprob.py

@@ -1,0 +1,289 @@
+"""Dataset rows {images, problem, answer} from parquet, jsonl or folders of them.
+
+Two layouts are recognised from their columns, so no per-dataset code is needed:
+  ViRL39K          question (with "<image>" placeholders), answer ("\\boxed{...}"), image: list of
+                   paths relative to the data root (the folder holding the parquet/jsonl)
+  geometry3k / HF  images: list of {"bytes", "path"} structs, problem, answer
+Images may also be bytes, PIL images or absolute paths. Other columns ("caption", "category",
+...) are kept in `Row.extra`.
+
+Rows are decoded on access, so 39K rows index in well under a second. A row that cannot be
+used (undecodable image, empty answer, ...) is never fatal: `ds[i]` returns None, the reason
+is counted in `ds.skipped` and logged once per reason.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+from bisect import bisect_right
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from racro_fast.rewards import extract_boxed
+
+logger = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("images", "image", "image_paths", "image_path")
+PROBLEM_KEYS = ("problem", "question", "query", "prompt")
+ANSWER_KEYS = ("answer", "ground_truth", "solution")
+OPTION_KEYS = ("options", "choices")
+ID_KEYS = ("id", "qid", "pid", "uid", "question_id")
+# Qwen2-VL's resize refuses more extreme aspect ratios; such a row would crash the step later.
+MAX_ASPECT = 200.0
+
+
+@dataclass
+class Row:
+    images: list[Image.Image]  # decoded, RGB, resized into [min_pixels, max_pixels]
+    problem: str  # as stored, "<image>" placeholders included
+    answer: str  # without any \boxed{} wrapper
+    options: list[str] | None
+    id: str
+    extra: dict = field(default_factory=dict)
+
+
+class _BadRow(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass
+class _Source:
+    path: Path
+    root: Path  # relative image paths resolve against this
+    table: pa.Table | None  # parquet
+    records: list[dict] | None  # jsonl
+    keys: dict[str, str | None]  # role -> column
+
+    def __len__(self) -> int:
+        return self.table.num_rows if self.table is not None else len(self.records)
+
+    def record(self, i: int) -> dict:
+        if self.table is not None:
+            return self.table.slice(i, 1).to_pylist()[0]
+        return self.records[i]
+
+
+def resize_to_bounds(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+    """Scale `image` (aspect ratio kept) so that min_pixels <= w*h <= max_pixels."""
+    w, h = image.size
+    if w * h > max_pixels:
+        s = math.sqrt(max_pixels / (w * h))
+        size = (max(1, math.floor(w * s)), max(1, math.floor(h * s)))
+        # floor can still overshoot by rounding when one side is clamped to 1.
+        while size[0] * size[1] > max_pixels:
+            size = (max(1, size[0] - 1), size[1]) if size[0] >= size[1] else (size[0], max(1, size[1] - 1))
+        return image.resize(size, Image.Resampling.BICUBIC)
+    if w * h < min_pixels:
+        s = math.sqrt(min_pixels / (w * h))
+        return image.resize((math.ceil(w * s), math.ceil(h * s)), Image.Resampling.BICUBIC)
+    return image
+
+
+class RowDataset:
+    """Indexable rows from parquet / jsonl files or folders; `ds[i]` is a Row or None (skipped).
+
+    `len(ds)` counts stored rows, bad ones included (they are only found on access);
+    iterating yields the valid rows. `image_key` / `problem_key` / `answer_key` override the
+    column detection.
+    """
+
+    def __init__(
+        self,
+        paths: list[str] | str,
+        fmt: str = "auto",
+        image_key: str | None = None,
+        problem_key: str | None = None,
+        answer_key: str | None = None,
+        min_pixels: int = 3136,
+        max_pixels: int = 1003520,
+    ):
+        if fmt not in ("auto", "parquet", "jsonl"):
+            raise ValueError(f"fmt: expected auto | parquet | jsonl, got {fmt!r}")
+        if not 0 < min_pixels <= max_pixels:
+            raise ValueError(f"min_pixels: need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        if not paths:
+            raise ValueError("paths: no data files given")
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.skipped: Counter = Counter()
+        self._bad: dict[int, str] = {}
+        self._sources: list[_Source] = []
+        for p in paths:
+            for file, root in _data_files(Path(p), fmt):
+                self._sources.append(_load(file, root, fmt, image_key, problem_key, answer_key))
+        self._offsets = [0]
+        for s in self._sources:
+            self._offsets.append(self._offsets[-1] + len(s))
+
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    def __getitem__(self, i: int) -> Row | None:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"row {i} out of range for {len(self)} rows")
+        i %= len(self)
+        if i in self._bad:
+            return None
+        k = bisect_right(self._offsets, i) - 1
+        source, local = self._sources[k], i - self._offsets[k]
+        try:
+            return self._row(source, local)
+        except _BadRow as e:
+            self._bad[i] = e.reason
+            self.skip(e.reason, f"{source.path}:{local}: {e}")
+            return None
+
+    def __iter__(self) -> Iterator[Row]:
+        for i in range(len(self)):
+            row = self[i]
+            if row is not None:
+                yield row
+        if self.skipped:
+            self.log_skipped()
+
+    def skip(self, reason: str, detail: str = "") -> None:
+        """Count a dropped row; the first one per reason is logged, the rest only counted."""
+        self.skipped[reason] += 1
+        if self.skipped[reason] == 1:
+            logger.warning(
+                "skipping a row (%s)%s; later rows skipped for this reason are only counted in .skipped",
+                reason,
+                f": {detail}" if detail else "",
+            )
+
+    def log_skipped(self) -> None:
+        """Log the counts of skipped rows by reason."""
+        summary = ", ".join(f"{r}={n}" for r, n in sorted(self.skipped.items()))
+        logger.warning("skipped %d of %d rows: %s", sum(self.skipped.values()), len(self), summary or "none")
+
+    def _row(self, source: _Source, local: int) -> Row:
+        rec = source.record(local)
+        keys = source.keys
+        problem = rec.get(keys["problem"])
+        if not isinstance(problem, str) or not problem.strip():
+            raise _BadRow("missing_field", f"no {keys['problem']!r} text")
+        answer = _clean_answer(rec.get(keys["answer"]))
+        if not answer:
+            raise _BadRow("missing_field", f"no {keys['answer']!r}")
+        options = rec.get(keys["options"]) if keys["options"] else None
+        if options is not None:
+            options = [str(o) for o in options] if isinstance(options, (list, tuple)) else None
+        images = [self._image(v, source.root) for v in _as_list(rec.get(keys["image"]) if keys["image"] else None)]
+        row_id = rec.get(keys["id"]) if keys["id"] else None
+        used = {c for c in keys.values() if c}
+        return Row(
+            images=images,
+            problem=problem,
+            answer=answer,
+            options=options,
+            id=str(row_id) if row_id is not None else f"{source.path.name}:{local}",
+            extra={k: v for k, v in rec.items() if k not in used},
+        )
+
+    def _image(self, value, root: Path) -> Image.Image:
+        if isinstance(value, dict):  # HF datasets Image struct: bytes win, path is informative
+            value = value.get("bytes") or value.get("path")
+        try:
+            if isinstance(value, Image.Image):
+                image = value
+            elif isinstance(value, (bytes, bytearray)):
+                image = Image.open(io.BytesIO(value))
+            elif isinstance(value, str) and value:
+                path = Path(value) if os.path.isabs(value) else root / value
+                if not path.is_file():
+                    raise _BadRow("missing_image", f"no image file {path}")
+                image = Image.open(path)
+            else:
+                raise _BadRow("bad_image", f"unusable image value of type {type(value).__name__}")
+            image = image.convert("RGB")  # forces the full decode, so truncated files fail here
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise _BadRow("bad_image", f"{type(e).__name__}: {e}") from None
+        w, h = image.size
+        if max(w, h) / max(1, min(w, h)) > MAX_ASPECT:
+            raise _BadRow("aspect_ratio", f"image of {w}x{h}")
+        return resize_to_bounds(image, self.min_pixels, self.max_pixels)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _clean_answer(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):  # some sets store one answer in a list
+        value = value[0] if len(value) == 1 else None
+        if value is None:
+            return ""
+    text = str(value).strip()
+    boxed = extract_boxed(text)
+    return (boxed if boxed is not None else text).strip()
+
+
+def _data_files(path: Path, fmt: str) -> list[tuple[Path, Path]]:
+    """(file, image root) pairs; a folder's files resolve relative image paths against the folder."""
+    if path.is_dir():
+        exts = {"auto": (".parquet", ".jsonl"), "parquet": (".parquet",), "jsonl": (".jsonl",)}[fmt]
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in exts)
+        if not files:
+            raise ValueError(f"paths: no {' or '.join(exts)} files under {path}")
+        return [(f, path) for f in files]
+    if not path.is_file():
+        raise ValueError(f"paths: {path} does not exist")
+    return [(path, path.parent)]
+
+
+def _load(
+    path: Path, root: Path, fmt: str, image_key: str | None, problem_key: str | None, answer_key: str | None
+) -> _Source:
+    kind = fmt if fmt != "auto" else {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}.get(path.suffix)
+    if kind is None:
+        raise ValueError(f"paths: cannot tell the format of {path}; pass fmt='parquet' or fmt='jsonl'")
+    table, records = None, None
+    if kind == "parquet":
+        table = pq.read_table(path, memory_map=True)
+        columns = list(table.column_names)
+    else:
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"paths: {path}:{n} is not valid JSON: {e}") from None
+        columns = list(dict.fromkeys(k for r in records for k in r))
+    keys = {
+        "image": _pick(columns, image_key, IMAGE_KEYS, "image_key", path, required=False),
+        "problem": _pick(columns, problem_key, PROBLEM_KEYS, "problem_key", path),
+        "answer": _pick(columns, answer_key, ANSWER_KEYS, "answer_key", path),
+        "options": _pick(columns, None, OPTION_KEYS, "", path, required=False),
+        "id": _pick(columns, None, ID_KEYS, "", path, required=False),
+    }
+    return _Source(path=path, root=root, table=table, records=records, keys=keys)
+
+
+def _pick(
+    columns: list[str], given: str | None, candidates: tuple[str, ...], name: str, path: Path, required: bool = True
+) -> str | None:
+    if given is not None:
+        if given not in columns:
+            raise ValueError(f"{name}: column {given!r} not in {path} (columns: {columns})")
+        return given
+    found = next((c for c in candidates if c in columns), None)
+    if found is None and required:
+        raise ValueError(f"{name}: none of {list(candidates)} in {path} (columns: {columns}); pass {name}=")
+    return found

@@ -1,0 +1,355 @@
+"""Answer extraction, grading and the caption reward.
+
+A caption's reward is the mean correctness of the reasoner answers written from it. Grading
+is math-verify's symbolic equivalence (so 1/2, 0.5 and \\frac{1}{2} agree) plus
+multiple-choice letters. Reward functions are plain `f(completion, answer) -> float` in
+`REWARD_FUNCS`; `RewardScorer` runs one of them in worker processes so that a pathological
+answer (sympy can take minutes on some expressions) costs at most `timeout` seconds and a
+zero reward instead of a stalled training step.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import re
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+
+from math_verify import parse, verify
+
+logger = logging.getLogger(__name__)
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_BOX_START = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_CHOICE = re.compile(r"^\(?([A-Za-z])\)?[.:]?$")
+_TEXT_WRAP = re.compile(r"^\\(?:text|textbf|mathrm|mathbf)\{(.*)\}$", re.DOTALL)
+_OPTION_LABEL = re.compile(r"^\(?([A-Za-z])\)?[.:)]\s*|^\(([A-Za-z])\)\s*")
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def _braced(text: str, start: int) -> tuple[str, int] | None:
+    """Content of the brace group opening at text[start] == '{' and the index after it."""
+    depth = 0
+    for i in range(start, len(text)):
+        c = text[i]
+        if c == "{" and (i == start or text[i - 1] != "\\"):
+            depth += 1
+        elif c == "}" and text[i - 1] != "\\":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i], i + 1
+    return None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last top-level \\boxed{...} (or \\fbox{...}) in `text`, else None.
+
+    Nested braces are matched; `\\boxed 5` (no braces) yields the next token. An unclosed
+    box at the end (a truncated completion) does not count.
+    """
+    found: str | None = None
+    pos = 0
+    while (m := _BOX_START.search(text, pos)) is not None:
+        i = m.end()
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            group = _braced(text, i)
+            if group is None:
+                break
+            found, pos = group
+        elif i > m.end() and i < len(text):
+            token = re.match(r"[^\s$]+", text[i:])
+            found, pos = token.group(0), i + token.end()
+        else:
+            pos = m.end()
+    return found
+
+
+# --------------------------------------------------------------------------- grading
+
+
+def _strip_answer(s: str) -> str:
+    s = s.strip()
+    boxed = extract_boxed(s) if any(c in s for c in _BOX_COMMANDS) else None
+    if boxed is not None:
+        s = boxed.strip()
+    s = s.strip("$").strip()
+    while (m := _TEXT_WRAP.match(s)) is not None:
+        s = m.group(1).strip()
+    return s
+
+
+def _choice_letter(s: str) -> str | None:
+    m = _CHOICE.match(s)
+    return m.group(1).upper() if m else None
+
+
+def _option_text(options: list[str], letter: str) -> str | None:
+    idx = ord(letter) - ord("A")
+    if not 0 <= idx < len(options):
+        return None
+    text = str(options[idx]).strip()
+    # Options are often stored with their own label ("B. 12", "(B) 12"): compare the content.
+    m = _OPTION_LABEL.match(text)
+    if m and (m.group(1) or m.group(2)).upper() == letter:
+        text = text[m.end() :]
+    return _strip_answer(text)
+
+
+def _math_equal(pred: str, gold: str) -> bool:
+    if pred == gold:
+        return True
+    if not pred or not gold:
+        return False
+    # Timeouts off: math-verify's are signal.alarm based and only work on a main thread.
+    # The caller bounds the time (RewardScorer runs grading in killable processes).
+    gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=None)
+    pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=None)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+
+def grade(pred: str, gold: str, options: list[str] | None = None) -> bool:
+    """Whether the answer `pred` equals the reference `gold`.
+
+    Either may be wrapped in \\boxed{} or $...$. Choice letters ("A", "(b)", "C.") compare
+    case-insensitively; with `options`, a letter also matches its option's text and the
+    reverse. Everything else is math-verify equivalence. No time bound: see RewardScorer.
+    """
+    pred, gold = _strip_answer(pred), _strip_answer(gold)
+    if not pred or not gold:
+        return False
+    pred_letter, gold_letter = _choice_letter(pred), _choice_letter(gold)
+    if pred_letter is not None and gold_letter is not None:
+        return pred_letter == gold_letter
+    if options:
+        if gold_letter is not None:
+            gold_text = _option_text(options, gold_letter)
+            return gold_text is not None and (pred.lower() == gold_text.lower() or _math_equal(pred, gold_text))
+        if pred_letter is not None:
+            pred_text = _option_text(options, pred_letter)
+            return pred_text is not None and (pred_text.lower() == gold.lower() or _math_equal(pred_text, gold))
+    return _math_equal(pred, gold)
+
+
+# --------------------------------------------------------------------------- reward functions
+
+
+def boxed_math(completion: str, answer: str) -> float:
+    """1.0 if the completion's last boxed answer grades equal to `answer`, else 0.0."""
+    pred = extract_boxed(completion)
+    return float(pred is not None and grade(pred, answer))
+
+
+def boxed_choice(completion: str, answer: str) -> float:
+    """1.0 if the completion's last boxed answer is the choice letter `answer`, else 0.0."""
+    gold = _choice_letter(_strip_answer(answer))
+    if gold is None:
+        raise ValueError(f"answer: boxed_choice needs a choice letter, got {answer!r}")
+    pred = extract_boxed(completion)
+    return float(pred is not None and _choice_letter(_strip_answer(pred)) == gold)
+
+
+REWARD_FUNCS: dict[str, Callable[[str, str], float]] = {
+    "boxed_math": boxed_math,
+    "boxed_choice": boxed_choice,
+}
+
+
+def caption_rewards(correct: list[float], k: int) -> list[float]:
+    """Reward per caption: mean correctness over its k reasoner answers (consecutive blocks)."""
+    if k < 1:
+        raise ValueError(f"k: must be >= 1, got {k}")
+    if len(correct) % k:
+        raise ValueError(f"correct: length {len(correct)} is not a multiple of k={k}")
+    return [sum(correct[i : i + k]) / k for i in range(0, len(correct), k)]
+
+
+# --------------------------------------------------------------------------- scorer
+
+# Worker -> parent messages: ("ready",), ("ok", i, value), ("error", i, text). A worker streams
+# one message per item, so when a deadline passes the parent knows which item hung; the item
+# index guards against a stale answer left in a pipe by an interrupted call.
+_STARTUP_TIMEOUT = 120.0  # seconds for a fresh worker to import math-verify/sympy
+
+
+def _worker_main(fn: str | Callable[[str, str], float], conn: Connection) -> None:
+    # Our own timeout replaces math-verify's; its "timeout disabled" warning would only be noise.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    func = REWARD_FUNCS[fn] if isinstance(fn, str) else fn
+    conn.send(("ready",))
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        for i, completion, answer in job:
+            try:
+                conn.send(("ok", i, float(func(completion, answer))))
+            except Exception as e:  # noqa: BLE001 - any failure of one item scores 0
+                conn.send(("error", i, f"{type(e).__name__}: {e}"))
+
+
+class _Worker:
+    """One grading process and its pipe; killed and replaced when an item hangs."""
+
+    def __init__(self, ctx: mp.context.BaseContext, fn: str | Callable[[str, str], float]):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(fn, child), daemon=True)
+        self.proc.start()
+        child.close()
+        self.ready = False
+        self.items: list[int] = []  # indices of the current job still to be answered
+        self.deadline = time.monotonic() + _STARTUP_TIMEOUT
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join()
+        self.conn.close()
+
+
+class RewardScorer:
+    """Scores completions with a reward function in worker processes, each item time-bounded.
+
+    Items are split into one batch per worker; a worker answers item by item, and each
+    answer must arrive within `timeout` seconds of the previous one. A late item scores 0,
+    its worker is killed and replaced, and the rest of its batch goes on in the new worker.
+    An exception or a crashed worker also scores 0. Failures are counted in `n_timeout` /
+    `n_error` and logged. `fn` is a REWARD_FUNCS key or a picklable callable.
+    """
+
+    def __init__(
+        self, fn_name: str | Callable[[str, str], float] = "boxed_math", timeout: float = 5.0, workers: int = 2
+    ):
+        if isinstance(fn_name, str) and fn_name not in REWARD_FUNCS:
+            raise ValueError(f"fn_name: unknown reward {fn_name!r}; choose from {sorted(REWARD_FUNCS)}")
+        if not isinstance(fn_name, str) and not callable(fn_name):
+            raise ValueError(f"fn_name: expected a reward name or a callable, got {fn_name!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout: must be > 0 seconds, got {timeout}")
+        if workers < 1:
+            raise ValueError(f"workers: must be >= 1, got {workers}")
+        self.fn = fn_name
+        self.timeout = float(timeout)
+        self.n_timeout = 0
+        self.n_error = 0
+        # Fork would copy the trainer's torch/CUDA state and threads; spawn starts clean.
+        self._ctx = mp.get_context("spawn")
+        # Started now so that the imports overlap with whatever the caller does next.
+        self._workers = [_Worker(self._ctx, self.fn) for _ in range(workers)]
+
+    def score(self, completions: list[str], answers: list[str]) -> list[float]:
+        if len(completions) != len(answers):
+            raise ValueError(f"answers: {len(answers)} answers for {len(completions)} completions")
+        if self._workers is None:
+            raise ValueError("scorer: already closed")
+        n = len(completions)
+        out = [0.0] * n
+        per = -(-n // len(self._workers)) if n else 0
+        for w, start in zip(self._workers, range(0, n, per or 1)):
+            w.items = list(range(start, min(start + per, n)))
+            if w.ready:
+                self._send(w, completions, answers)
+        while busy := [w for w in self._workers if w.items]:
+            left = min(w.deadline for w in busy) - time.monotonic()
+            for conn in wait([w.conn for w in busy], timeout=max(left, 0.0)):
+                w = next(w for w in busy if w.conn is conn)
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    if not w.ready:
+                        # Dying before the first item is an environment problem (an unimportable
+                        # reward function, say); scoring everything 0 would hide it.
+                        code = w.proc.exitcode
+                        self.close()
+                        raise RuntimeError(
+                            f"reward worker exited with code {code} before it was ready; see its traceback above"
+                        ) from None
+                    self._replace(w, completions, answers, out, "error", "the worker process died")
+                    continue
+                if msg[0] == "ready":
+                    w.ready = True
+                    self._send(w, completions, answers)
+                    continue
+                kind, i, value = msg
+                if i != w.items[0]:
+                    continue
+                w.items.pop(0)
+                if kind == "ok":
+                    out[i] = value
+                else:
+                    self._fail(i, "error", value, completions)
+                w.deadline = time.monotonic() + self.timeout
+            now = time.monotonic()
+            for w in busy:
+                if w.items and now >= w.deadline and not w.conn.poll():
+                    if not w.ready:
+                        self.close()
+                        raise RuntimeError(f"reward worker did not start within {_STARTUP_TIMEOUT:g}s")
+                    self._replace(w, completions, answers, out, "timeout", f"no answer within {self.timeout:g}s")
+        return out
+
+    def _send(self, w: _Worker, completions: list[str], answers: list[str]) -> None:
+        try:
+            w.conn.send([(i, completions[i], answers[i]) for i in w.items])
+        except OSError:  # died while idle (OOM killer, say): nothing was lost, start another
+            logger.warning("reward worker %d had exited; starting a new one", w.proc.pid)
+            w.kill()
+            fresh = _Worker(self._ctx, self.fn)
+            fresh.items, w.items = w.items, []
+            self._workers[self._workers.index(w)] = fresh
+            return
+        w.deadline = time.monotonic() + self.timeout
+
+    def _fail(self, i: int, kind: str, why: str, completions: list[str]) -> None:
+        if kind == "timeout":
+            self.n_timeout += 1
+        else:
+            self.n_error += 1
+        logger.warning("reward %s on item %d (scored 0): %s; completion starts %r", kind, i, why, completions[i][:80])
+
+    def _replace(
+        self, w: _Worker, completions: list[str], answers: list[str], out: list[float], kind: str, why: str
+    ) -> None:
+        """Score w's current item 0, kill w and hand the rest of its batch to a fresh worker."""
+        i = w.items[0]
+        out[i] = 0.0
+        self._fail(i, kind, why, completions)
+        w.kill()
+        fresh = _Worker(self._ctx, self.fn)
+        fresh.items, w.items = w.items[1:], []
+        self._workers[self._workers.index(w)] = fresh
+
+    def close(self) -> None:
+        """Stop the worker processes; the scorer cannot be used afterwards."""
+        for w in self._workers or []:
+            try:
+                w.conn.send(None)
+            except OSError:
+                pass
+            w.proc.join(timeout=1.0)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join()
+            w.conn.close()
+        self._workers = None
+
+    def __enter__(self) -> RewardScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_workers", None):
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down mp already
+                pass

@@ -1,0 +1,169 @@
+"""Answer extraction, grading, reward functions and the time-bounded scorer."""
+import logging
+import os
+import time
+
+import pytest
+
+from racro_fast.rewards import (
+    REWARD_FUNCS,
+    RewardScorer,
+    boxed_choice,
+    boxed_math,
+    caption_rewards,
+    extract_boxed,
+    grade,
+)
+
+
+# Module-level so the scorer's spawned workers can import them by name.
+def raise_on_bad(completion: str, answer: str) -> float:
+    if completion == "bad":
+        raise ZeroDivisionError("grader blew up")
+    return 1.0
+
+
+def exit_on_crash(completion: str, answer: str) -> float:
+    if completion == "crash":
+        os._exit(3)  # like a segfault in a C extension: no exception, the process is gone
+    return 1.0
+
+
+def hang_on_slow(completion: str, answer: str) -> float:
+    if completion == "slow":
+        time.sleep(3600)
+    return 1.0
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so \\boxed{3}", "3"),
+        ("first \\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # the last box wins
+        ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),  # escaped braces are content
+        ("\\boxed{x^{2}+\\sqrt{y_{1}}}", "x^{2}+\\sqrt{y_{1}}"),  # nested groups
+        ("\\fbox{7}", "7"),
+        ("\\boxed {4}", "4"),
+        ("\\boxed 5$ done", "5"),
+        ("\\boxed{}", ""),
+        ("\\boxed{2} and a truncated \\boxed{3", "2"),
+        ("no box here: 42", None),
+        ("\\boxedsomething{3}", None),
+        ("\\boxed{\\boxed{9}}", "\\boxed{9}"),  # the outer box is the last top-level one
+    ],
+)
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected, f"extract_boxed({text!r})"
+
+
+@pytest.mark.parametrize(
+    "pred, gold",
+    [
+        ("0.5", "1/2"),
+        ("\\frac{1}{2}", "0.5"),
+        ("\\frac12", "\\boxed{0.5}"),
+        ("3.0", "3"),
+        ("3", "\\boxed{3}"),
+        ("$2\\pi$", "2\\pi"),
+        ("x = 3", "3"),
+        ("A", "a"),
+        ("(B)", "B"),
+        ("C.", "(c)"),
+        ("\\text{D}", "D"),
+    ],
+)
+def test_grade_equal(pred, gold):
+    assert grade(pred, gold), f"{pred!r} should grade equal to {gold!r}"
+
+
+@pytest.mark.parametrize(
+    "pred, gold",
+    [("0.51", "1/2"), ("4", "3"), ("A", "B"), ("", "3"), ("3", ""), ("\\frac{1}{3}", "0.5")],
+)
+def test_grade_not_equal(pred, gold):
+    assert not grade(pred, gold), f"{pred!r} should not grade equal to {gold!r}"
+
+
+def test_grade_matches_letters_to_option_text():
+    options = ["A. 10", "B. 12", "C. 3/4"]
+    assert grade("12", "B", options), "option text of the gold letter"
+    assert grade("0.75", "C", options), "option text compares by math equivalence"
+    assert not grade("10", "B", options)
+    plain = ["10", "12"]
+    assert grade("B", "12", plain), "predicted letter mapped to its option text"
+    assert not grade("A", "12", plain)
+    assert not grade("E", "12", plain), "a letter beyond the options matches nothing"
+
+
+def test_reward_functions():
+    assert set(REWARD_FUNCS) == {"boxed_math", "boxed_choice"}
+    assert boxed_math("... so the answer is \\boxed{\\frac{1}{2}}.", "0.5") == 1.0
+    assert boxed_math("the answer is 0.5", "0.5") == 0.0, "no box, no reward"
+    assert boxed_math("\\boxed{0.4}", "\\boxed{0.5}") == 0.0
+    assert boxed_choice("hence \\boxed{(b)}", "B") == 1.0
+    assert boxed_choice("hence \\boxed{C}", "B") == 0.0
+    with pytest.raises(ValueError, match="answer"):
+        boxed_choice("\\boxed{3}", "3")
+
+
+def test_caption_rewards_mean_over_k():
+    assert caption_rewards([1, 0, 1, 1, 0, 0], k=2) == [0.5, 1.0, 0.0]
+    assert caption_rewards([1.0, 0.0, 1.0], k=3) == pytest.approx([2 / 3])
+    assert caption_rewards([1.0, 0.0], k=1) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="k"):
+        caption_rewards([1.0, 0.0, 1.0], k=2)
+    with pytest.raises(ValueError, match="k"):
+        caption_rewards([1.0], k=0)
+
+
+def test_scorer_scores_in_workers():
+    with RewardScorer("boxed_math", timeout=10.0, workers=2) as scorer:
+        completions = ["\\boxed{0.5}", "\\boxed{2}", "no box", "\\boxed{\\frac{3}{4}}", "\\boxed{B}"]
+        answers = ["1/2", "3", "1", "0.75", "b"]
+        assert scorer.score(completions, answers) == [1.0, 0.0, 0.0, 1.0, 1.0]
+        many = scorer.score([f"\\boxed{{{i}}}" for i in range(50)], [str(i) for i in range(50)])
+        assert many == [1.0] * 50, f"wrong items: {[i for i, v in enumerate(many) if v != 1.0]}"
+        assert scorer.score([], []) == []
+        assert scorer.n_timeout == scorer.n_error == 0
+
+
+def test_scorer_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="fn_name"):
+        RewardScorer("no_such_reward")
+    with pytest.raises(ValueError, match="timeout"):
+        RewardScorer(timeout=0)
+    with pytest.raises(ValueError, match="workers"):
+        RewardScorer(workers=0)
+    with RewardScorer(workers=1) as scorer, pytest.raises(ValueError, match="answers"):
+        scorer.score(["a", "b"], ["a"])
+
+
+def test_scorer_counts_an_exception_and_goes_on(caplog):
+    with RewardScorer(raise_on_bad, timeout=10.0, workers=2) as scorer:
+        with caplog.at_level(logging.WARNING, logger="racro_fast.rewards"):
+            scores = scorer.score(["ok", "bad", "ok", "ok"], ["x"] * 4)
+        assert scores == [1.0, 0.0, 1.0, 1.0]
+        assert (scorer.n_error, scorer.n_timeout) == (1, 0)
+        assert any("ZeroDivisionError" in r.getMessage() for r in caplog.records), caplog.text
+        assert scorer.score(["ok"] * 3, ["x"] * 3) == [1.0] * 3, "the scorer must still work"
+
+
+def test_scorer_abandons_a_hung_item(caplog):
+    with RewardScorer(hang_on_slow, timeout=1.0, workers=2) as scorer:
+        scorer.score(["ok"], ["x"])  # workers up, so the timing below is the hang alone
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="racro_fast.rewards"):
+            scores = scorer.score(["ok", "slow", "ok", "ok", "ok", "ok"], ["x"] * 6)
+        elapsed = time.monotonic() - start
+        assert scores == [1.0, 0.0, 1.0, 1.0, 1.0, 1.0], "items after the hung one must still be scored"
+        assert (scorer.n_timeout, scorer.n_error) == (1, 0)
+        assert elapsed < 30, f"a hung item must cost about the timeout, took {elapsed:.1f}s"
+        assert any("timeout" in r.getMessage() for r in caplog.records), caplog.text
+        assert scorer.score(["ok", "ok"], ["x", "x"]) == [1.0, 1.0], "the replaced worker must work"
+
+
+def test_scorer_survives_a_worker_that_dies():
+    with RewardScorer(exit_on_crash, timeout=10.0, workers=1) as scorer:
+        assert scorer.score(["ok", "crash", "ok"], ["x"] * 3) == [1.0, 0.0, 1.0]
+        assert (scorer.n_error, scorer.n_timeout) == (1, 0)
+        assert scorer.score(["ok"], ["x"]) == [1.0]
