@@ -62,6 +62,20 @@ class Sample:
     ref_logp: torch.Tensor | None = None
 
 
+def cut_at_vision_tokens(out, vision_ids: set[int], tokenizer) -> bool:
+    """End a caption at its first vision placeholder token (an untrained captioner can sample one).
+
+    A placeholder inside the response would be taken for an image slot in the training forward.
+    The caption is cut there for training and for the reasoner alike; returns whether it was cut.
+    """
+    cut = next((i for i, tok in enumerate(out.token_ids) if tok in vision_ids), None)
+    if cut is None:
+        return False
+    out.token_ids, out.logprobs = list(out.token_ids[:cut]), list(out.logprobs[:cut])
+    out.text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    return True
+
+
 def collate(samples: list[Sample], pad_id: int, device: torch.device) -> dict:
     """Right-pad a micro-batch; `mask[b, t]` marks positions whose next token is a caption token."""
     T = max(len(s.input_ids) for s in samples)
@@ -158,7 +172,7 @@ def policy_update(model, optimizer, samples: list[Sample], cfg: Config, loss_cfg
         (loss * scale).backward()
         w = float(metrics["num_tokens_local"])
         weight += w
-        sums["loss"] = sums.get("loss", 0.0) + float(loss)
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
         for k in ("clip_frac", "kl_mean", "ratio_mean", "entropy_mean", "pg_loss"):
             if k in metrics:
                 sums[k] = sums.get(k, 0.0) + float(metrics[k]) * (w if k != "pg_loss" else 1.0)
@@ -310,6 +324,28 @@ def make_writer(cfg: Config, out_dir: Path):
     return lambda m: [sink(m) for sink in sinks]
 
 
+def plot_rewards(metrics_path: Path, png: Path) -> None:
+    """Reward (and its 20-step running mean) per step, from the whole metrics log."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    by_step = {r["step"]: r["reward_mean"] for r in rows}  # a resumed run may repeat steps: keep the last
+    steps = sorted(by_step)
+    rewards = [by_step[s] for s in steps]
+    running = [float(np.mean(rewards[max(0, i - 19):i + 1])) for i in range(len(rewards))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, rewards, alpha=0.35, label="reward (mean over captions)")
+    ax.plot(steps, running, label="running mean (20 steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
 def train(cfg: Config) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     dist.init()
@@ -412,6 +448,8 @@ def train(cfg: Config) -> dict:
     if cfg.run.progress and dist.rank() == 0:
         from tqdm.auto import tqdm
         pbar = tqdm(total=cfg.train.steps, initial=start_step, desc="grpo", dynamic_ncols=True)
+    vision_ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                               "<|vision_end|>") if t in tokenizer.get_vocab()}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     G, k = cfg.rollout.group_size, cfg.rollout.reasoner_samples
     history: list[dict] = []
@@ -448,6 +486,7 @@ def train(cfg: Config) -> dict:
             n=G, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
             max_tokens=cfg.rollout.max_caption_tokens, seed=seed))  # [Q][G]
         captioner_engine.sleep(level=2)
+        n_cut = sum(cut_at_vision_tokens(c, vision_ids, tokenizer) for qs in captions for c in qs)
         phase["caption_s"] = time.perf_counter() - t
 
         # --- reasoner: k answers per caption, then verified rewards
@@ -506,7 +545,7 @@ def train(cfg: Config) -> dict:
             "correct_sum": float(sum(correct)), "n_answers": float(len(correct)),
             "zero_var_groups": float((group_std == 0).sum()), "n_groups": float(len(group_std)),
             "cap_len_sum": float(sum(cap_lens)), "cap_truncated": float(sum(c.truncated for qs in captions for c in qs)),
-            "rsn_len_sum": float(sum(rsn_lens)), "tokens": float(sum(cap_lens) + sum(rsn_lens)),
+            "rsn_len_sum": float(sum(rsn_lens)), "cap_cut": float(n_cut), "tokens": float(sum(cap_lens) + sum(rsn_lens)),
         }
         keys = list(local)
         red = dict(zip(keys, dist.all_reduce_sum([local[x] for x in keys])))
@@ -521,6 +560,7 @@ def train(cfg: Config) -> dict:
             "zero_var_group_frac": red["zero_var_groups"] / red["n_groups"],
             "caption_len_mean": red["cap_len_sum"] / red["n_captions"], "caption_len_max": cap_max,
             "caption_truncated_frac": red["cap_truncated"] / red["n_captions"],
+            "caption_vision_token_cut": red["cap_cut"],
             "reasoner_len_mean": red["rsn_len_sum"] / red["n_answers"],
             "tokens_per_s": red["tokens"] / step_s, "step_s": step_s, "lr": scheduler.get_last_lr()[0],
             **{k_: v for k_, v in upd.items()}, **phase,
@@ -552,6 +592,8 @@ def train(cfg: Config) -> dict:
         metrics_file.close()
     if dataset.skipped:
         log.warning("rows skipped: %s", dict(dataset.skipped))
+    if dist.rank() == 0:
+        plot_rewards(out_dir / "metrics.jsonl", out_dir / "reward_curve.png")
     if cfg.run.export:
         dist.export(policy, tokenizer, image_processor, out_dir / "export")
     scorer.close()

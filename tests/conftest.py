@@ -7,6 +7,12 @@ that needs it runs, since the import alone takes seconds.
 
 from __future__ import annotations
 
+import os
+
+# Triton reads this when a kernel is decorated, so it must be set before anything imports
+# racro_fast.kernels: the Triton kernels then run on CPU tensors through the interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import functools
 from pathlib import Path
 

@@ -1,0 +1,572 @@
+"""Evaluate a captioner with plug-and-play text reasoners: accuracy per benchmark x (reasoner, mode).
+
+    racro-fast eval --captioner runs/racro/final \\
+        --reasoner deepseek-ai/DeepSeek-R1-Distill-Qwen-32B --reasoner Qwen/Qwen3-8B \\
+        --data MathVista/testmini.parquet --data MathVerse/testmini.parquet \\
+        --mode caption joint direct --out runs/eval
+
+One process, one model in memory at a time: the captioner first (captions and its own
+step-by-step answers, each produced once per item and cached), then each reasoner in turn,
+the previous one freed. vLLM when it imports and CUDA is present (`--engine auto`), HF
+`generate` otherwise. Paper defaults: greedy captions, reasoner temperature 0.6, top-p 0.95.
+
+Modes, each a column per reasoner:
+  caption  captioner prompt from training -> caption -> reasoner prompt -> reasoner answer
+  joint    the captioner also answers with the direct prompt; the reasoner reads the caption
+           beside that tentative answer (JOINT_TEMPLATE) and keeps it unless it sees evidence
+           against it
+  direct   the captioner answers alone (the baseline; one column, no reasoner)
+
+Everything goes under --out: `captions.jsonl` (the captioner's outputs per item),
+`records.jsonl` (one line per item x reasoner x mode with the verdict), and the table as
+`accuracy.md`, `.csv`, `.json` and a bar chart `accuracy.png`. Lines are appended and flushed
+per generation batch; a rerun reads them back and redoes nothing already there. Resume
+matches items by (benchmark, id) only: after changing a sampling setting, use a fresh --out
+(`run.json` says what the last run used).
+
+Left out on purpose:
+- the paper's LLM judge: answers are graded by boxed extraction, math-verify equivalence and
+  choice letters / option text, so numbers are comparable between runs here, not to Table 1;
+- data parallelism across GPUs: one vLLM engine (tensor-parallel within it if configured) is
+  enough for evaluation-sized benchmarks, and resume makes a long run safe to restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from racro_fast.bench_data import BenchFile, BenchItem, LayoutError, bench_reward, load_benchmark
+from racro_fast.engines import GenRequest, HFEngine, SamplingConfig
+from racro_fast.prompts import (
+    build_captioner_inputs,
+    captioner_messages,
+    direct_messages,
+    joint_messages,
+    reasoner_messages,
+    text_prompt_ids,
+)
+from racro_fast.rewards import RewardScorer, extract_boxed
+
+logger = logging.getLogger(__name__)
+
+MODES = ("caption", "joint", "direct")
+DIRECT_REASONER = "captioner"  # the direct mode has no reasoner: the captioner answers
+DIRECT_COLUMN = f"{DIRECT_REASONER}/direct"
+BAD_INPUT = "bad input"  # an item whose prompt could not be built (counted in the footer)
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+def caption_prompt(item: BenchItem) -> list[dict]:
+    return captioner_messages(item.question, len(item.images))
+
+
+def answer_prompt(item: BenchItem) -> list[dict]:
+    return direct_messages(item.question, len(item.images))
+
+
+def reasoner_prompt(item: BenchItem, mode: str, caption: str, captioner_answer: str | None = None) -> list[dict]:
+    """The reasoner's chat messages for one item in `caption` or `joint` mode."""
+    if mode == "caption":
+        return reasoner_messages(caption, item.question)
+    if mode == "joint":
+        return joint_messages(caption, item.question, tentative_answer(captioner_answer or ""))
+    raise ValueError(f"mode: no reasoner prompt in mode {mode!r}")
+
+
+def tentative_answer(captioner_answer: str) -> str:
+    """What joint mode hands the reasoner: the captioner's boxed answer, else its whole reply."""
+    boxed = extract_boxed(captioner_answer)
+    return boxed.strip() if boxed is not None else captioner_answer.strip()
+
+
+def column(reasoner: str, mode: str) -> str:
+    return f"{reasoner}/{mode}"
+
+
+# ---------------------------------------------------------------------------- records
+
+
+class JsonlStore:
+    """Append-only JSONL that survives being killed mid-write: a torn last line is dropped on open."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: list[dict] = []
+        if path.exists():
+            raw = path.read_bytes()
+            good = []
+            for line in raw.decode("utf-8", errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict):
+                    good.append(rec)
+            self.records = good
+            if raw and (not raw.endswith(b"\n") or len(good) != raw.count(b"\n")):
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in good), encoding="utf-8")
+                os.replace(tmp, path)
+        self._f = open(path, "a", encoding="utf-8")
+
+    def append(self, rec: dict) -> None:
+        self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self._f.flush()
+        self.records.append(rec)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _key(item: BenchItem) -> tuple[str, str]:
+    return item.benchmark, item.id
+
+
+# ---------------------------------------------------------------------------- engines
+
+
+def resolve_engine(kind: str) -> str:
+    if kind == "auto":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            return "hf"
+        return "vllm" if torch.cuda.is_available() else "hf"
+    if kind not in ("vllm", "hf"):
+        raise ValueError(f"engine: expected auto, vllm or hf, got {kind!r}")
+    return kind
+
+
+def _device_dtype() -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def _max_positions(path: str) -> int | None:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    c = json.loads(cfg.read_text())
+    return (c.get("text_config") or {}).get("max_position_embeddings") or c.get("max_position_embeddings")
+
+
+def _vllm(path: str, want_len: int, seed: int, **kw: Any) -> Any:
+    from racro_fast.engines import VLLMEngine
+
+    limit = _max_positions(path)
+    # One engine at a time, so it may take most of the GPU; "auto" keeps the checkpoint's dtype.
+    return VLLMEngine(path, dtype="auto", gpu_memory_utilization=0.85,
+                      max_model_len=min(want_len, limit) if limit else want_len, seed=seed, **kw)
+
+
+def load_captioner(path: str, engine: str, batch_size: int, max_tokens: int, seed: int) -> tuple[Any, Any, Any]:
+    """(engine, tokenizer, image_processor) for the captioner."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = Qwen2VLImageProcessor.from_pretrained(path)
+    if engine == "vllm" and not torch.cuda.is_available():
+        # vLLM's Qwen2.5-VL imports torchvision, which does not load with CPU torch.
+        logger.info("no CUDA: the captioner runs on HF generate; vLLM serves the reasoners only")
+        engine = "hf"
+    if engine == "vllm":
+        # Room for the image tokens and question besides the answer.
+        return _vllm(path, max_tokens + 8192, seed, limit_mm_per_prompt={"image": 8}), tokenizer, image_processor
+    device, dtype = _device_dtype()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+    return HFEngine(model, tokenizer, batch_size=batch_size), tokenizer, image_processor
+
+
+def load_reasoner(path: str, engine: str, batch_size: int, max_tokens: int, seed: int) -> tuple[Any, Any]:
+    """(engine, tokenizer) for a text reasoner."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if engine == "vllm":
+        return _vllm(path, max_tokens + 8192, seed), tokenizer
+    device, dtype = _device_dtype()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return HFEngine(model, tokenizer, batch_size=batch_size), tokenizer
+
+
+def shutdown(engine: Any) -> None:
+    """Drop a vLLM engine's `LLM` (its only strong reference); HF engines need nothing."""
+    engine.__dict__.pop("llm", None)
+
+
+def release_memory() -> None:
+    """Collect a dropped engine now, so that the next model finds its memory free."""
+    gc.collect()
+    if "vllm" in sys.modules:
+        # vLLM keeps its (single-process) parallel groups alive after the LLM is gone, and
+        # the next LLM in this process would refuse to initialise them again.
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def evaluate(
+    captioner: str | Path,
+    reasoners: Sequence[str | Path],
+    data: Sequence[str | Path],
+    modes: Sequence[str] = ("caption",),
+    out_dir: str | Path = "runs/eval",
+    *,
+    engine: str = "auto",
+    limit: int | None = None,
+    batch_size: int | None = None,
+    caption_temperature: float = 0.0,
+    reasoner_temperature: float = 0.6,
+    reasoner_top_p: float = 0.95,
+    max_caption_tokens: int = 2048,
+    max_reasoner_tokens: int = 8192,
+    layout: str | None = None,
+    seed: int = 0,
+    grade_timeout: float = 10.0,
+    on_record: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run the evaluation and write the tables; returns
+
+        {"accuracy": {benchmark: {"<reasoner>/<mode>": acc in [0, 1]}},
+         "n": {benchmark: {column: items graded}},
+         "skipped": {benchmark: {reason: items}}, "files_skipped": {path: reason},
+         "columns": [...], "out_dir": str}
+
+    Reasoners are named by their last path component; the direct mode's column is
+    "captioner/direct". `on_record` is called with every record just written (the tests
+    use it to interrupt a run).
+    """
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {m!r}")
+    modes = list(dict.fromkeys(modes))
+    if any(m != "direct" for m in modes) and not reasoners:
+        raise ValueError("reasoners: the caption and joint modes need at least one --reasoner")
+    kind = resolve_engine(engine)
+    batch_size = batch_size or (512 if kind == "vllm" else 64)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    captioner = str(captioner)
+    names = reasoner_names([str(r) for r in reasoners])
+
+    # --- benchmarks
+    files: list[BenchFile] = []
+    files_skipped: dict[str, str] = {}
+    for path in data:
+        try:
+            bf = load_benchmark(path, layout=layout, limit=limit)
+        except LayoutError as e:
+            files_skipped[str(path)] = str(e)
+            logger.warning("skipping %s: %s", path, e)
+            continue
+        taken = {f.benchmark for f in files}
+        if bf.benchmark in taken:  # two files of one layout stay two rows
+            bf.benchmark = f"{bf.benchmark}:{Path(path).stem}"
+            for it in bf.items:
+                it.benchmark = bf.benchmark
+        files.append(bf)
+    items = [it for bf in files for it in bf.items]
+    skipped: dict[str, Counter] = {bf.benchmark: Counter(bf.skipped) for bf in files}
+    (out / "run.json").write_text(json.dumps({
+        "captioner": captioner, "reasoners": dict(zip(names, map(str, reasoners))), "modes": modes,
+        "data": [str(d) for d in data], "engine": kind, "limit": limit,
+        "caption_temperature": caption_temperature, "reasoner_temperature": reasoner_temperature,
+        "reasoner_top_p": reasoner_top_p, "max_caption_tokens": max_caption_tokens,
+        "max_reasoner_tokens": max_reasoner_tokens, "seed": seed}, indent=2))
+
+    captions = JsonlStore(out / "captions.jsonl")
+    records = JsonlStore(out / "records.jsonl")
+    scorer: RewardScorer | None = None
+    try:
+        cached: dict[tuple[str, str, str], str] = {
+            (r["benchmark"], r["id"], r["kind"]): r["text"] for r in captions.records}
+        done = {(r["benchmark"], r["id"], r["mode"], r["reasoner"]) for r in records.records}
+
+        def write(store: JsonlStore, rec: dict) -> None:
+            store.append(rec)
+            if on_record is not None:
+                on_record(rec)
+
+        def grade(preds: list[str | None], batch: list[BenchItem]) -> list[bool]:
+            nonlocal scorer
+            if scorer is None:
+                scorer = RewardScorer(bench_reward, timeout=grade_timeout, workers=2)
+            return [s > 0 for s in scorer.score([p or "" for p in preds], [it.grading_spec() for it in batch])]
+
+        # --- captioner: captions (caption, joint) and its own answers (joint, direct), once per item
+        need = []
+        if {"caption", "joint"} & set(modes):
+            need.append("caption")
+        if {"joint", "direct"} & set(modes):
+            need.append("answer")
+        todo = [(it, k) for it in items for k in need if (*_key(it), k) not in cached]
+        bad: set[tuple[str, str]] = set()
+
+        # The passes are functions so that an engine's only reference dies when its pass returns.
+        def captioner_pass() -> None:
+            cap_engine, tok, improc = load_captioner(captioner, kind, batch_size, max_caption_tokens, seed)
+            sampling = SamplingConfig(n=1, temperature=caption_temperature, top_p=1.0,
+                                      max_tokens=max_caption_tokens, seed=seed)
+            for start in range(0, len(todo), batch_size):
+                chunk, requests = [], []
+                for it, k in todo[start:start + batch_size]:
+                    if _key(it) in bad:
+                        continue
+                    try:
+                        images = it.pil_images()
+                        msgs = caption_prompt(it) if k == "caption" else answer_prompt(it)
+                        inp = build_captioner_inputs(tok, improc, msgs, images)
+                    except Exception as e:  # a bad item must not stop the run
+                        logger.warning("%s %s: cannot build the captioner prompt: %s", it.benchmark, it.id, e)
+                        bad.add(_key(it))
+                        skipped[it.benchmark][BAD_INPUT] += 1
+                        continue
+                    chunk.append((it, k))
+                    requests.append(GenRequest(prompt_ids=inp.prompt_ids, pixel_values=inp.pixel_values,
+                                               image_grid_thw=inp.image_grid_thw, images=images,
+                                               vllm_prompt_ids=inp.vllm_prompt_ids))
+                if not requests:
+                    continue
+                outs = cap_engine.generate(requests, sampling)  # [chunk][1]
+                for (it, k), (o,) in zip(chunk, outs):
+                    cached[(*_key(it), k)] = o.text
+                    write(captions, {"benchmark": it.benchmark, "id": it.id, "kind": k, "text": o.text,
+                                     "truncated": o.truncated})
+                _progress("captioner", min(start + batch_size, len(todo)), len(todo))
+            shutdown(cap_engine)
+
+        if todo:
+            captioner_pass()
+            release_memory()
+            items = [it for it in items if _key(it) not in bad]
+
+        # --- direct: the captioner's own answer, graded
+        if "direct" in modes:
+            batch = [it for it in items if (*_key(it), "direct", DIRECT_REASONER) not in done
+                     and (*_key(it), "answer") in cached]
+            for start in range(0, len(batch), batch_size):
+                chunk = batch[start:start + batch_size]
+                texts = [cached[(*_key(it), "answer")] for it in chunk]
+                preds = [extract_boxed(t) for t in texts]
+                for it, text, pred, ok in zip(chunk, texts, preds, grade(preds, chunk)):
+                    write(records, _record(it, "direct", DIRECT_REASONER, None, text, None, pred, ok))
+
+        # --- reasoners, one at a time
+        def reasoner_pass(name: str, path: str, todo: list[tuple[BenchItem, str]]) -> None:
+            r_engine, tok = load_reasoner(path, kind, batch_size, max_reasoner_tokens, seed)
+            sampling = SamplingConfig(n=1, temperature=reasoner_temperature, top_p=reasoner_top_p,
+                                      max_tokens=max_reasoner_tokens, seed=seed)
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start:start + batch_size]
+                requests = []
+                for it, m in chunk:
+                    msgs = reasoner_prompt(it, m, cached[(*_key(it), "caption")], cached.get((*_key(it), "answer")))
+                    requests.append(GenRequest(prompt_ids=text_prompt_ids(tok, msgs)))
+                outs = r_engine.generate(requests, sampling)  # [chunk][1]
+                preds = [extract_boxed(o.text) for (o,) in outs]
+                verdicts = grade(preds, [it for it, _ in chunk])
+                for (it, m), (o,), pred, ok in zip(chunk, outs, preds, verdicts):
+                    rec = _record(it, m, name, cached[(*_key(it), "caption")],
+                                  cached.get((*_key(it), "answer")) if m == "joint" else None, o.text, pred, ok)
+                    rec["truncated"] = o.truncated
+                    write(records, rec)
+                _progress(name, min(start + batch_size, len(todo)), len(todo))
+            shutdown(r_engine)
+
+        r_modes = [m for m in modes if m != "direct"]
+        for name, path in zip(names, map(str, reasoners)):
+            todo_r = [(it, m) for it in items for m in r_modes
+                      if (*_key(it), m, name) not in done and (*_key(it), "caption") in cached
+                      and (m == "caption" or (*_key(it), "answer") in cached)]
+            if todo_r:
+                reasoner_pass(name, path, todo_r)
+                release_memory()
+    finally:
+        captions.close()
+        records.close()
+        if scorer is not None:
+            scorer.close()
+
+    # --- tables, from every record of the current items (this run's and earlier ones)
+    columns = [column(n, m) for n in names for m in modes if m != "direct"]
+    if "direct" in modes:
+        columns.append(DIRECT_COLUMN)
+    current = {_key(it) for it in items}
+    hits: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    seen: set[tuple[str, str, str]] = set()
+    for r in records.records:
+        col = column(r["reasoner"], r["mode"])
+        key = (r["benchmark"], r["id"], col)
+        if (r["benchmark"], r["id"]) in current and col in columns and key not in seen:
+            seen.add(key)
+            hits[r["benchmark"]][col].append(bool(r["verdict"]))
+    benches = [bf.benchmark for bf in files]
+    result = {
+        "accuracy": {b: {c: sum(hits[b][c]) / len(hits[b][c]) for c in columns if hits[b][c]} for b in benches},
+        "n": {b: {c: len(hits[b][c]) for c in columns} for b in benches},
+        "skipped": {b: dict(skipped[b]) for b in benches},
+        "files_skipped": files_skipped,
+        "columns": columns,
+        "out_dir": str(out),
+    }
+    write_tables(result, out)
+    return result
+
+
+def _record(item: BenchItem, mode: str, reasoner: str, caption: str | None, captioner_answer: str | None,
+            output: str | None, extracted: str | None, verdict: bool) -> dict:
+    return {"benchmark": item.benchmark, "id": item.id, "mode": mode, "reasoner": reasoner,
+            "caption": caption, "captioner_answer": captioner_answer, "reasoner_output": output,
+            "extracted": extracted, "gold": item.letter or item.answer, "verdict": bool(verdict)}
+
+
+def reasoner_names(paths: list[str]) -> list[str]:
+    """Last path component, widened with parents where two reasoners would share a name."""
+    names = [Path(p.rstrip("/")).name or p for p in paths]
+    for i, p in enumerate(paths):
+        if names.count(names[i]) > 1:
+            names[i] = "/".join(Path(p.rstrip("/")).parts[-2:])
+    if len(set(names)) < len(names):
+        names = [f"{n}#{i}" for i, n in enumerate(names)]
+    return names
+
+
+def _progress(what: str, done: int, total: int) -> None:
+    print(f"[eval {time.strftime('%H:%M:%S')}] {what}: {done}/{total}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def table_rows(result: dict) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, rows, footer lines) of the accuracy table, accuracies in percent."""
+    cols = result["columns"]
+    header = ["Benchmark", "items", *cols]
+    rows = []
+    for b, accs in result["accuracy"].items():
+        n = max(result["n"][b].values(), default=0)
+        rows.append([b, str(n), *(f"{100 * accs[c]:.1f}" if c in accs else "-" for c in cols)])
+    if len(rows) > 1:
+        avg = []
+        for c in cols:
+            vals = [a[c] for a in result["accuracy"].values() if c in a]
+            avg.append(f"{100 * sum(vals) / len(vals):.1f}" if vals else "-")
+        rows.append(["Average", "", *avg])
+    footer = []
+    for b, reasons in result["skipped"].items():
+        if reasons:
+            detail = ", ".join(f"{r}: {k}" for r, k in sorted(reasons.items()))
+            footer.append(f"{b}: {sum(reasons.values())} skipped ({detail})")
+    for path, why in result["files_skipped"].items():
+        footer.append(f"{path}: file not evaluated ({why})")
+    return header, rows, footer
+
+
+def markdown_table(result: dict) -> str:
+    header, rows, footer = table_rows(result)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if footer:
+        lines += ["", "Skipped:"] + [f"- {f}" for f in footer]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(result: dict, out: Path) -> None:
+    header, rows, footer = table_rows(result)
+    (out / "accuracy.md").write_text(markdown_table(result), encoding="utf-8")
+    with open(out / "accuracy.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+        for line in footer:
+            w.writerow([f"# skipped: {line}"])
+    (out / "accuracy.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    plot(result, out / "accuracy.png")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches = list(result["accuracy"])
+    cols = result["columns"]
+    width = 0.8 / max(len(cols), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(benches) * max(len(cols), 1) * 0.5 + 2), 4))
+    for j, c in enumerate(cols):
+        xs = [i + (j - (len(cols) - 1) / 2) * width for i in range(len(benches))]
+        bars = ax.bar(xs, [100 * result["accuracy"][b].get(c, 0.0) for b in benches], width, label=c)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(benches)), benches, rotation=20, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title("Accuracy by benchmark")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="racro-fast eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--captioner", required=True, help="captioner checkpoint (Qwen2.5-VL) directory or hub id")
+    p.add_argument("--reasoner", action="extend", nargs="+", default=[], help="text reasoner(s), evaluated in turn")
+    p.add_argument("--data", action="extend", nargs="+", required=True, help="benchmark file(s): parquet/jsonl/json")
+    p.add_argument("--mode", action="extend", nargs="+", choices=MODES, help="caption | joint | direct (default caption)")
+    p.add_argument("--engine", default="auto", choices=("auto", "vllm", "hf"))
+    p.add_argument("--out", default="runs/eval", help="output folder; rerunning into it resumes")
+    p.add_argument("--limit", type=int, default=None, help="first N rows of each file")
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per generation call (hf 64, vllm 512)")
+    p.add_argument("--caption-temperature", type=float, default=0.0)
+    p.add_argument("--reasoner-temperature", type=float, default=0.6)
+    p.add_argument("--reasoner-top-p", type=float, default=0.95)
+    p.add_argument("--max-caption-tokens", type=int, default=2048, help="also bounds the captioner's own answers")
+    p.add_argument("--max-reasoner-tokens", type=int, default=8192)
+    p.add_argument("--layout", default=None, help="force a benchmark layout instead of detecting it")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = evaluate(
+        args.captioner, args.reasoner, args.data, args.mode or ["caption"], args.out,
+        engine=args.engine, limit=args.limit, batch_size=args.batch_size,
+        caption_temperature=args.caption_temperature, reasoner_temperature=args.reasoner_temperature,
+        reasoner_top_p=args.reasoner_top_p, max_caption_tokens=args.max_caption_tokens,
+        max_reasoner_tokens=args.max_reasoner_tokens, layout=args.layout, seed=args.seed,
+    )
+    print(markdown_table(result))
+    print(f"written to {result['out_dir']}", file=sys.stderr)
+    return 0 if result["accuracy"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""The GRPO loop end to end on tiny random models: resume, bad input, skipped steps."""
+import io
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from racro_fast.config import load_config
+from racro_fast.synth import make_rows
+from racro_fast.train import Sample, cut_at_vision_tokens, policy_update, train
+from racro_fast.kernels import GRPOLossConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_cfg(out: Path, cap: Path, rsn: Path, steps: int, *extra: str):
+    return load_config(ROOT / "configs" / "demo_cpu.yaml", [
+        f"model.captioner={cap}", f"model.reasoner={rsn}", f"run.output_dir={out}", f"train.steps={steps}",
+        "train.questions_per_step=2", "train.mini_batch=1", "train.micro_batch=4", "rollout.group_size=2",
+        "train.entropy_coef=0.01",  # random models earn no reward: the entropy term makes the step move weights
+        "rollout.max_caption_tokens=6", "rollout.max_reasoner_tokens=6", "data.synth_rows=16",
+        "run.progress=false", "train.kl_coef=0.001", "run.export=false", *extra])
+
+
+def final_weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+    ckpts = sorted((out / "checkpoints").glob("step_*"))
+    return load_file(str(ckpts[-1] / "model.safetensors"))
+
+
+def test_exact_resume(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
+    """4 steps straight == 2 steps + resume + 2 steps: same losses, same weights (bit for bit)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    hist_a = train(tiny_cfg(a, tiny_captioner_dir, tiny_reasoner_dir, 4))["history"]
+    train(tiny_cfg(b, tiny_captioner_dir, tiny_reasoner_dir, 2))
+    hist_b = train(tiny_cfg(b, tiny_captioner_dir, tiny_reasoner_dir, 4))["history"]
+    assert [h["step"] for h in hist_b] == [3, 4], "the resumed run must start after the checkpoint"
+    for ha, hb in zip(hist_a[2:], hist_b):
+        for key in ("loss", "reward_mean", "kl_mean", "caption_len_mean", "grad_norm"):
+            assert ha[key] == hb[key], f"step {ha['step']} {key}: straight {ha[key]} vs resumed {hb[key]}"
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    diffs = {k: (wa[k] - wb[k]).abs().max().item() for k in wa}
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] == 0.0, f"weights differ after resume, worst {worst}: {diffs[worst]}"
+    # the weights did move: a resume test over a frozen model would prove nothing
+    from safetensors.torch import load_file
+    w0 = load_file(str(Path(tiny_captioner_dir) / "model.safetensors"))
+    moved = max((wa[k] - w0[k]).abs().max().item() for k in wa if k in w0)
+    assert moved > 0, "training did not change any weight"
+
+
+def test_corrupt_rows_are_skipped_and_counted(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
+    rows = make_rows("count", 6, seed=3)
+    rows[1]["images"] = [{"bytes": b"not a png at all", "path": None}]
+    rows[4]["images"] = [{"bytes": b"\x89PNG\r\n\x1a\n garbage", "path": None}]
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    cfg = tiny_cfg(tmp_path / "run", tiny_captioner_dir, tiny_reasoner_dir, 3,
+                   f"data.train_files={path}", "data.synth_task=", "train.kl_coef=0")
+    result = train(cfg)
+    assert result["skipped"].get("bad_image") == 2, result["skipped"]
+    assert len(result["history"]) == 3
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["rows_skipped"] == 2
+
+
+def test_overlong_prompts_are_skipped(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
+    rows = make_rows("count", 4, seed=5)
+    rows[0]["problem"] = "<image>" + " many words" * 400 + " How many shapes?"
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    cfg = tiny_cfg(tmp_path / "run", tiny_captioner_dir, tiny_reasoner_dir, 2,
+                   f"data.train_files={path}", "data.synth_task=", "train.kl_coef=0", "data.max_prompt_len=200")
+    result = train(cfg)
+    assert result["skipped"].get("too_long", 0) >= 1, result["skipped"]
+
+
+def _model_and_samples(tiny_captioner_dir, adv: list[float], empty_first: bool = False):
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+    from racro_fast.prompts import build_captioner_inputs, captioner_messages
+    tok = AutoTokenizer.from_pretrained(str(tiny_captioner_dir))
+    proc = Qwen2VLImageProcessor.from_pretrained(str(tiny_captioner_dir))
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_captioner_dir)).train()
+    row = make_rows("count", 1, seed=1)[0]
+    image = Image.open(io.BytesIO(row["images"][0]["bytes"])).convert("RGB")
+    cap = build_captioner_inputs(tok, proc, captioner_messages(row["problem"], 1), [image])
+    caption = tok.encode("There are 3 shapes.", add_special_tokens=False)
+    samples = []
+    for i, a in enumerate(adv):
+        resp = [] if (empty_first and i == 0) else caption[: 3 + i]
+        samples.append(Sample(cap.prompt_ids + resp, len(cap.prompt_ids), cap.pixel_values, cap.image_grid_thw, a))
+    return model, tok, samples
+
+
+def test_non_finite_loss_skips_the_step(tiny_captioner_dir):
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", ["train.micro_batch=2"])
+    model, tok, samples = _model_and_samples(tiny_captioner_dir, [1.0, float("nan"), -1.0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with pytest.warns(UserWarning, match="non-finite"):
+        out = policy_update(model, opt, samples, cfg, GRPOLossConfig(), tok.pad_token_id, torch.device("cpu"))
+    assert out["skipped"] == 1.0
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert not changed, f"a skipped step changed weights: {changed[:3]}"
+
+
+def test_update_with_an_empty_caption(tiny_captioner_dir):
+    """A caption of zero tokens (EOS cut, or cut at a vision token) trains without NaN."""
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", ["train.micro_batch=4"])
+    model, tok, samples = _model_and_samples(tiny_captioner_dir, [1.0, -1.0, 0.5], empty_first=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    out = policy_update(model, opt, samples, cfg, GRPOLossConfig(), tok.pad_token_id, torch.device("cpu"))
+    assert out["skipped"] == 0.0 and math.isfinite(out["loss"]), out
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_caption_cut_at_vision_token(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+    from racro_fast.engines import GenOutput
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    ids = tok.encode("There are", add_special_tokens=False)
+    out = GenOutput(token_ids=ids + [pad, 5, 6], logprobs=[-0.1] * (len(ids) + 3), text="x", truncated=True)
+    assert cut_at_vision_tokens(out, {pad}, tok)
+    assert out.token_ids == ids and len(out.logprobs) == len(ids) and out.text == "There are"
+    assert not cut_at_vision_tokens(out, {pad}, tok)
