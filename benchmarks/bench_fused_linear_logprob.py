@@ -2,7 +2,7 @@
 
     python benchmarks/bench_fused_linear_logprob.py              # default shapes for this device
     python benchmarks/bench_fused_linear_logprob.py --quick      # tiny smoke run
-    python benchmarks/bench_fused_linear_logprob.py --shapes 2048x1024x32000 --providers ours,torch --modes full
+    python benchmarks/bench_fused_linear_logprob.py --shapes 2048x1024x32000 --providers ours,torch --modes full --rounds 5
 
 Providers: ours (kernels.fused_linear_logprob: Triton on CUDA, the chunked reference on CPU),
 torch (h @ W.T, log_softmax in fp32, gather), compile (torch.compile of that), liger
@@ -19,12 +19,13 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_rows, measure, print_table, run_isolated  # noqa: E402
+from common import append_rows, measure, merge_rounds, print_table, round_ratios, run_isolated  # noqa: E402
 
 KERNEL = "fused_linear_logprob"
 PROVIDERS = ("ours", "torch", "compile", "liger")
@@ -118,6 +119,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="tiny shapes, 1 warm-up, 2 reps")
+    p.add_argument("--rounds", type=int, default=1, help="repeat every measurement, providers interleaved; medians")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{KERNEL}.csv"))
     p.add_argument("--no-csv", action="store_true")
@@ -137,27 +139,40 @@ def main() -> None:
     dtype = args.dtype or ("bf16" if cuda else "fp32")
     warmup = args.warmup if args.warmup is not None else 1 if (args.quick or not cuda) else 5
     reps = args.reps if args.reps is not None else 2 if args.quick else 3 if not cuda else 20
-    rows = []
-    for N, D, V in shapes:
-        for provider in args.providers.split(","):
-            for mode in args.modes.split(","):
-                spec = dict(kernel=KERNEL, provider=provider, mode=mode, threads=args.threads or torch.get_num_threads(), N=N, D=D, V=V, dtype=dtype,
-                            warmup=warmup, reps=reps)
-                r = run_one(spec) if cuda else run_isolated(os.path.abspath(__file__), spec)
-                if cuda:
-                    torch.cuda.empty_cache()
-                rows.append(r)
-                print(f"  {provider:8s} {mode:8s} N={N} D={D} V={V}: {r['ms']:.2f} ms, peak {r['peak_mb']:.1f} MiB"
-                      + (f"  [{r['note']}]" if r.get("note") else ""), flush=True)
+    rounds = []
+    for k in range(args.rounds):
+        rows = []
+        for N, D, V in shapes:
+            for provider in args.providers.split(","):
+                for mode in args.modes.split(","):
+                    spec = dict(kernel=KERNEL, provider=provider, mode=mode, N=N, D=D, V=V, dtype=dtype,
+                                warmup=warmup, reps=reps, threads=args.threads or torch.get_num_threads())
+                    r = run_one(spec) if cuda else run_isolated(os.path.abspath(__file__), spec)
+                    if cuda:
+                        torch.cuda.empty_cache()
+                    rows.append(r)
+                    print(f"  round {k}: {provider:8s} {mode:8s} N={N} D={D} V={V}: {r['ms']:.2f} ms, "
+                          f"peak {r['peak_mb']:.1f} MiB" + (f"  [{r['note']}]" if r.get("note") else ""), flush=True)
+        rounds.append(rows)
+    rows = merge_rounds(rounds)
+    for r in rows:
+        r["extra_mb"] = r["peak_mb"] - r["io_mb"]
+        if "gemm_ms" in r:
+            r["vs_4gemm"] = r["ms"] / (4 * r["gemm_ms"])
     print()
-    print_table(rows, ["provider", "mode", "N", "D", "V", "dtype", "ms", "peak_mb", "extra_mb", "note"])
+    print_table(rows, ["provider", "mode", "N", "D", "V", "dtype", "ms", "peak_mb", "extra_mb", "ms_rounds", "note"])
     for N, D, V in shapes:
         for mode in args.modes.split(","):
-            sel = {r["provider"]: r for r in rows if (r["N"], r["D"], r["V"], r["mode"]) == (N, D, V, mode)}
-            if "ours" in sel and "torch" in sel and not math.isnan(sel["torch"]["ms"]):
+            def match(r: dict) -> bool:
+                return (r["N"], r["D"], r["V"], r["mode"]) == (N, D, V, mode)
+
+            sel = {r["provider"]: r for r in rows if match(r)}
+            t_ratios = round_ratios(rounds, match, "ours", "torch")
+            if t_ratios:
                 o, t = sel["ours"], sel["torch"]
-                print(f"ours / torch ({mode}, N={N} D={D} V={V}): time {o['ms'] / t['ms']:.2f}x, "
-                      f"peak memory {o['peak_mb'] / max(t['peak_mb'], 1e-9):.1%}")
+                print(f"ours / torch ({mode}, N={N} D={D} V={V}): time {statistics.median(t_ratios):.2f}x "
+                      f"(per round: {' '.join(f'{x:.2f}' for x in t_ratios)}), "
+                      f"peak memory {o['peak_mb'] / max(t['peak_mb'], 1e-9):.1%} ({o['peak_mb']:.0f} vs {t['peak_mb']:.0f} MiB)")
             if "ours" in sel and "vs_4gemm" in sel["ours"]:
                 o = sel["ours"]
                 print(f"ours full = {o['vs_4gemm']:.2f}x the 4 GEMMs ({o['gemm_ms']:.2f} ms each, "

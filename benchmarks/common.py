@@ -3,19 +3,21 @@
 Peak memory is the growth over what was allocated when `measure` started (inputs already built):
 - CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus the allocated
   bytes at the start; exact for everything the caching allocator hands out.
-- CPU: growth of the process's peak resident set (VmHWM, reset at the start by writing 5 to
-  /proc/self/clear_refs; where that is not allowed, ru_maxrss, valid only for the first
-  `measure` of a process) over the resident set at the start. So that freed memory cannot hide
-  in the allocator's cache, the benchmarks run every (provider, mode, shape) in a fresh
-  subprocess (`run_isolated`) with glibc's mmap threshold fixed at 4 MiB: every tensor of 4 MiB
-  or more is its own mapping, returned to the OS when freed, and the resident set follows the
-  live tensors.
+- CPU: growth of the process's peak resident set (VmHWM, reset before each run by writing 5
+  to /proc/self/clear_refs; where that is not allowed, ru_maxrss, valid only for the first
+  `measure` of a process) over the resident set at the start of the run. So that freed memory
+  cannot hide in the allocator's cache, the benchmarks measure the peak of every (provider,
+  mode, shape) in a fresh subprocess with glibc's mmap threshold fixed at 4 MiB (every tensor
+  of 4 MiB or more is its own mapping, returned to the OS when freed, so the resident set
+  follows the live tensors), and its time in another fresh subprocess with the default
+  allocator (`run_isolated`).
 """
 from __future__ import annotations
 
 import csv
 import datetime
 import json
+import math
 import os
 import resource
 import statistics
@@ -102,9 +104,7 @@ def measure(fn: Callable[..., object], *, warmup: int, reps: int, device: str | 
     return dict(ms=statistics.median(times), peak_mb=max(0, peak) / MB)
 
 
-def run_isolated(script: str, spec: dict, timeout: float = 1800.0) -> dict:
-    """Run `script --worker JSON(spec)` in a fresh interpreter and return the JSON it prints last."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(4 << 20))
+def _run_worker(script: str, spec: dict, env: dict, timeout: float) -> dict:
     proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], capture_output=True,
                           text=True, timeout=timeout, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -112,6 +112,53 @@ def run_isolated(script: str, spec: dict, timeout: float = 1800.0) -> dict:
         err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return dict(spec, ms=float("nan"), peak_mb=float("nan"), note=f"worker failed: {err[:200]}")
     return json.loads(lines[-1])
+
+
+def run_isolated(script: str, spec: dict, timeout: float = 1800.0) -> dict:
+    """Time and peak memory of `script --worker JSON(spec)`, each from its own fresh interpreter.
+
+    The time comes from a process with the default allocator. The peak comes from a second
+    process (1 warm-up, 1 run) with glibc's mmap threshold fixed at 4 MiB, so that no freed
+    tensor can be reused from the allocator's cache unseen; that setting makes every large
+    allocation a fresh mapping, which would add page faults to the time.
+    """
+    timed = _run_worker(script, spec, dict(os.environ), timeout)
+    mem = _run_worker(script, dict(spec, warmup=1, reps=1), dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(4 << 20)),
+                      timeout)
+    timed["peak_mb"] = mem.get("peak_mb", float("nan"))
+    return timed
+
+
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per measurement from several rounds of the same measurements in the same order.
+
+    Rounds run every provider in turn, so a shared machine's drifting load hits all providers
+    alike; a row keeps the median of its numeric fields over the rounds (the max for peak_mb)
+    and the per-round times in `ms_rounds`.
+    """
+    merged = []
+    for group in zip(*rounds):
+        row = dict(group[0])
+        for key, value in group[0].items():
+            vals = [g.get(key) for g in group]
+            if isinstance(value, float) and all(isinstance(v, (int, float)) for v in vals):
+                finite = [v for v in vals if not math.isnan(v)]
+                row[key] = (max if key == "peak_mb" else statistics.median)(finite) if finite else float("nan")
+        row["rounds"] = len(group)
+        row["ms_rounds"] = " ".join(f"{g['ms']:.1f}" for g in group)
+        merged.append(row)
+    return merged
+
+
+def round_ratios(rounds: list[list[dict]], match: Callable[[dict], bool], a: str, b: str, key: str = "ms"
+                 ) -> list[float]:
+    """Per-round ratio row(provider a)[key] / row(provider b)[key] among the rows that `match`."""
+    out = []
+    for rows in rounds:
+        sel = {r["provider"]: r for r in rows if match(r)}
+        if a in sel and b in sel and sel[b].get(key) and not math.isnan(sel[a][key]) and not math.isnan(sel[b][key]):
+            out.append(sel[a][key] / sel[b][key])
+    return out
 
 
 def git_commit() -> str:

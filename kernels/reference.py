@@ -18,8 +18,9 @@ from .utils import chunk_budget, chunk_rows as rows_for_budget
 # z = x / t (x = hidden @ weight.T, or the given logits); lse = logsumexp(z)
 # logp = z[y] - lse;  entropy H = lse - sum_j p_j z_j
 # dlogp/dz_j = onehot(y)_j - p_j;  dH/dz_j = p_j (E_p[z] - z_j) = -p_j (log p_j + H)
-# Both ops walk N in chunks so only a [chunk, V] tile of logits exists at a time; backward
-# recomputes the tile from the saved lse (and H), which is what keeps them memory-lean on CPU.
+# Only one tile of logits exists at a time (full-vocab row chunks for logprob_from_logits,
+# [rows, cols] tiles for the fused op) and backward recomputes tiles from the saved lse (and H):
+# that is what keeps them memory-lean on CPU.
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -69,10 +70,11 @@ def _upstream_grads(dlogp: Tensor | None, dH: Tensor | None, valid: Tensor, with
     return g, gH
 
 
-def _ref_chunk_rows(n_rows: int, vocab: int, device: torch.device, chunk_rows: int | None) -> int:
-    if chunk_rows is not None:
-        return max(1, int(chunk_rows))
-    return rows_for_budget(n_rows, vocab, 4, chunk_budget(device))
+def _lines_within_budget(n: int, width: int, device: torch.device, override: int | None) -> int:
+    """How many of n lines of `width` fp32 values make one tile (`override` if given)."""
+    if override is not None:
+        return max(1, int(override))
+    return rows_for_budget(n, width, 4, chunk_budget(device))
 
 
 def _merge_lse(m: Tensor, s: Tensor, a: Tensor | None, m2: Tensor, s2: Tensor, a2: Tensor | None
@@ -197,7 +199,7 @@ def fused_linear_logprob_ref(
     """logp[n] = z[n, y] - logsumexp(z[n]) with z = hidden @ weight.T / t, and the entropy of softmax(z).
 
     Forward and backward walk [chunk_rows, chunk_cols] tiles of the logits (default: up to 2048
-    rows, and columns to fill one `utils.chunk_budget`, 16 MiB on CPU); backward recomputes each
+    rows, and columns to fill one `utils.chunk_budget`, 32 MiB on CPU); backward recomputes each
     tile from the saved lse. Peak extra memory is one tile (two with entropy), plus fp32 copies
     of weight and dW when the inputs are bf16/fp16.
     Returns fp32 (fp64 for fp64 inputs); rows whose target is ignore_index give 0 and no gradient.
@@ -205,7 +207,7 @@ def fused_linear_logprob_ref(
     """
     N, V = hidden.shape[0], weight.shape[0]
     rows = max(1, int(chunk_rows)) if chunk_rows is not None else min(N, 2048)
-    cols = max(1, int(chunk_cols)) if chunk_cols is not None else _ref_chunk_rows(V, rows, hidden.device, None)
+    cols = max(1, int(chunk_cols)) if chunk_cols is not None else _lines_within_budget(V, rows, hidden.device, None)
     return _FusedLinearLogprobRef.apply(hidden, weight, targets, float(temperature), bool(with_entropy),
                                         int(ignore_index), rows, cols)
 
@@ -275,7 +277,7 @@ def logprob_from_logits_ref(
     dlogits into the storage of the (contiguous) logits it saved and returns that tensor as the
     gradient: after backward the caller's logits hold gradients, not logits.
     """
-    rows = _ref_chunk_rows(logits.shape[0], logits.shape[1], logits.device, chunk_rows)
+    rows = _lines_within_budget(logits.shape[0], logits.shape[1], logits.device, chunk_rows)
     if logits.requires_grad and not logits.is_contiguous():
         logits = logits.contiguous()
     return _LogprobFromLogitsRef.apply(logits, targets, float(temperature), bool(with_entropy),
