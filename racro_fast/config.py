@@ -37,7 +37,7 @@ class ModelConfig:
 class DataConfig:
     train_files: list[str] = field(default_factory=list)  # parquet / jsonl / folders
     format: str = "auto"  # auto | parquet | jsonl
-    synth_task: str = ""  # "count" | "bars" | "arith": generate rows instead of reading files
+    synth_task: str = ""  # "count" | "grid" | "bars" | "arith": generate rows instead of reading files
     synth_rows: int = 2048
     image_size: int = 56  # synthetic image side in pixels
     max_prompt_len: int = 8192  # longer captioner prompts are skipped and counted
@@ -127,7 +127,7 @@ _CHOICES = {
     "model.dtype": ("bfloat16", "float32"),
     "model.attn_impl": ("auto", "sdpa", "eager", "flash_attention_2"),
     "data.format": ("auto", "parquet", "jsonl"),
-    "data.synth_task": ("", "count", "bars", "arith"),
+    "data.synth_task": ("", "count", "grid", "bars", "arith"),
     "rollout.engine": ("vllm", "hf"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.kl_type": ("k1", "k2", "k3"),

@@ -147,8 +147,28 @@ def arith_task(rng: random.Random, size: int) -> tuple[Image.Image, str, str, st
     return image, "<image>What is the sum of the two numbers in the image?", str(a + b), caption
 
 
+def grid_task(rng: random.Random, size: int) -> tuple[Image.Image, str, str, str]:
+    """1..4 filled cells of a 2x2 grid; answer: how many.
+
+    Each cell is a quadrant, and at 56 px a quadrant is exactly one merged Qwen2.5-VL image token:
+    the smallest counting task a tiny random-init vision tower can learn in minutes (the demo's).
+    """
+    n = rng.randint(1, 4)
+    image = Image.new("RGB", (size, size), WHITE)
+    draw = ImageDraw.Draw(image)
+    cell = size // 2
+    pad = max(1, size // 28)
+    for k in sorted(rng.sample(range(4), n)):
+        x, y = (k % 2) * cell + pad, (k // 2) * cell + pad
+        draw.rectangle([x, y, x + cell - 2 * pad - 1, y + cell - 2 * pad - 1], fill=COLORS["black"])
+    noun = "cell is" if n == 1 else "cells are"
+    caption = f"{n} {noun} filled."
+    return image, "<image>How many cells of the grid are filled?", str(n), caption
+
+
 TASKS: dict[str, Callable[[random.Random, int], tuple[Image.Image, str, str, str]]] = {
     "count": count_task,
+    "grid": grid_task,
     "bars": bars_task,
     "arith": arith_task,
 }

@@ -155,7 +155,7 @@ def policy_update(model, optimizer, samples: list[Sample], cfg: Config, loss_cfg
     sums: dict[str, float] = {}
     weight = 0.0
     finite = True
-    optimizer.zero_grad(set_to_none=True)
+    dist.zero_grad(model, optimizer)
     for i in range(0, len(samples), cfg.train.micro_batch):
         mb = samples[i:i + cfg.train.micro_batch]
         batch = collate(mb, pad_id, device)
@@ -166,10 +166,11 @@ def policy_update(model, optimizer, samples: list[Sample], cfg: Config, loss_cfg
         adv = torch.tensor([s.adv for s in mb], dtype=torch.float32, device=device)
         loss, metrics = grpo_loss(logp, old, ref, adv, batch["mask"], loss_cfg, entropy=ent,
                                   num_tokens=max(n_tokens, 1.0), num_seqs=max(n_seqs, 1.0))
-        if not torch.isfinite(loss):
+        # every rank must take the same branch, or one waits forever in the others' collectives
+        if dist.all_reduce_sum([0.0 if torch.isfinite(loss) else 1.0])[0] > 0:
             finite = False
             break
-        (loss * scale).backward()
+        dist.backward(model, loss * scale, last=i + cfg.train.micro_batch >= len(samples))
         w = float(metrics["num_tokens_local"])
         weight += w
         sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
@@ -178,16 +179,23 @@ def policy_update(model, optimizer, samples: list[Sample], cfg: Config, loss_cfg
                 sums[k] = sums.get(k, 0.0) + float(metrics[k]) * (w if k != "pg_loss" else 1.0)
         sums["ratio_min"] = min(sums.get("ratio_min", math.inf), float(metrics["ratio_min"]))
         sums["ratio_max"] = max(sums.get("ratio_max", -math.inf), float(metrics["ratio_max"]))
+    # token-weighted means over all ranks; the loss is already a share of the global loss, so it sums
+    keys = [k for k in sums if k not in ("ratio_min", "ratio_max")]
+    reduced = dict(zip(keys + ["_weight"], dist.all_reduce_sum([sums[k] for k in keys] + [weight])))
+    weight = reduced.pop("_weight")
     out = {k: v / weight if k in ("clip_frac", "kl_mean", "ratio_mean", "entropy_mean") and weight else v
-           for k, v in sums.items()}
+           for k, v in reduced.items()}
+    if "ratio_max" in sums:
+        out["ratio_max"] = dist.all_reduce_max(sums["ratio_max"])
+        out["ratio_min"] = -dist.all_reduce_max(-sums["ratio_min"])
     grad_norm = dist.clip_grad_norm(model, cfg.train.grad_clip) if finite else float("nan")
     out["grad_norm"] = float(grad_norm)
     if not (finite and math.isfinite(out["grad_norm"])):
-        optimizer.zero_grad(set_to_none=True)
+        dist.zero_grad(model, optimizer)
         warnings.warn(f"non-finite {'loss' if not finite else 'gradient norm'}: optimizer step skipped")
         out["skipped"] = 1.0
         return out
-    optimizer.step()
+    dist.step(model, optimizer)
     out["skipped"] = 0.0
     return out
 
@@ -298,6 +306,7 @@ def build_engines(cfg: Config, policy, tokenizer, reasoner_tokenizer, captioner_
         reasoner = AutoModelForCausalLM.from_pretrained(reasoner_path, dtype=getattr(torch, cfg.model.dtype))
         reasoner = reasoner.to(device).eval().requires_grad_(False)
         return HFEngine(dist.unwrap(policy), tokenizer), HFEngine(reasoner, reasoner_tokenizer)
+    dist.check_memory(policy, cfg, device, with_ref=cfg.train.kl_coef > 0)
     launcher = "external_launcher" if dist.world_size() > 1 else None
     captioner = VLLMEngine(captioner_path, dtype=cfg.model.dtype, gpu_memory_utilization=cfg.rollout.captioner_gpu_fraction,
                            max_model_len=cfg.rollout.max_model_len, seed=cfg.train.seed + dist.rank(),
@@ -383,6 +392,7 @@ def train(cfg: Config) -> dict:
         [p for p in policy.parameters() if p.requires_grad], lr=cfg.train.lr,
         betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), weight_decay=cfg.train.weight_decay,
         fused=device.type == "cuda")
+    policy, optimizer = dist.attach_optimizer(policy, optimizer, cfg)  # DeepSpeed: the engine; else unchanged
 
     def lr_lambda(step: int) -> float:
         if step < cfg.train.warmup_steps:
@@ -418,8 +428,11 @@ def train(cfg: Config) -> dict:
     if cfg.train.questions_per_step % dist.world_size():
         raise ValueError(f"train.questions_per_step: {cfg.train.questions_per_step} does not divide over "
                          f"{dist.world_size()} ranks")
+    if cfg.train.mini_batch % dist.world_size():
+        raise ValueError(f"train.mini_batch: {cfg.train.mini_batch} questions do not divide over "
+                         f"{dist.world_size()} ranks (a group of captions never spans ranks)")
     q_local = cfg.train.questions_per_step // dist.world_size()
-    mb_local = cfg.train.mini_batch // dist.world_size() or 1
+    mb_local = cfg.train.mini_batch // dist.world_size()
 
     # --- engines and reward
     reasoner_tokenizer = AutoTokenizer.from_pretrained(reasoner_path)
@@ -439,7 +452,7 @@ def train(cfg: Config) -> dict:
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=False))
         start_step = state["step"]
-        captioner_engine.push_weights(dist.full_state_items(policy, cfg.dist.weight_bucket_mb))
+        dist.push_weights(captioner_engine, policy, cfg.dist.weight_bucket_mb)
         log.info("resumed from %s at step %d", ckpt, start_step)
 
     metrics_file = open(out_dir / "metrics.jsonl", "a") if dist.rank() == 0 else None
@@ -479,6 +492,7 @@ def train(cfg: Config) -> dict:
         dist.offload_optimizer(optimizer, cfg)
         reasoner_engine.sleep(level=1)
         captioner_engine.wake_up()
+        dist.log_memory("captioner_wake", phase)
         requests = [GenRequest(prompt_ids=c.prompt_ids, pixel_values=c.pixel_values, image_grid_thw=c.image_grid_thw,
                                images=r.images, vllm_prompt_ids=c.vllm_prompt_ids) for r, c in zip(rows, inputs)]
         seed = cfg.train.seed * 1_000_003 + step * 7919 + dist.rank()
@@ -486,12 +500,14 @@ def train(cfg: Config) -> dict:
             n=G, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
             max_tokens=cfg.rollout.max_caption_tokens, seed=seed))  # [Q][G]
         captioner_engine.sleep(level=2)
+        dist.log_memory("captioner_sleep", phase)
         n_cut = sum(cut_at_vision_tokens(c, vision_ids, tokenizer) for qs in captions for c in qs)
         phase["caption_s"] = time.perf_counter() - t
 
         # --- reasoner: k answers per caption, then verified rewards
         t = time.perf_counter()
         reasoner_engine.wake_up()
+        dist.log_memory("reasoner_wake", phase)
         question_text = [r.problem.replace("<image>", "").strip() for r in rows]
         r_requests = [GenRequest(prompt_ids=text_prompt_ids(reasoner_tokenizer, reasoner_messages(c.text, question_text[q])))
                       for q in range(len(rows)) for c in captions[q]]
@@ -499,6 +515,7 @@ def train(cfg: Config) -> dict:
             n=k, temperature=cfg.rollout.reasoner_temperature, top_p=cfg.rollout.reasoner_top_p,
             max_tokens=cfg.rollout.max_reasoner_tokens, seed=seed + 1))  # [Q*G][k]
         reasoner_engine.sleep(level=1)
+        dist.log_memory("reasoner_sleep", phase)
         phase["reason_s"] = time.perf_counter() - t
         t = time.perf_counter()
         correct = scorer.score([a.text for outs in answers for a in outs],
@@ -533,7 +550,8 @@ def train(cfg: Config) -> dict:
         scheduler.step()
         phase["train_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        captioner_engine.push_weights(dist.full_state_items(policy, cfg.dist.weight_bucket_mb))
+        dist.push_weights(captioner_engine, policy, cfg.dist.weight_bucket_mb)
+        dist.log_memory("step", phase)
         phase["sync_s"] = time.perf_counter() - t
 
         # --- metrics (reduced over ranks)

@@ -51,6 +51,20 @@ def test_count_answer_is_the_number_of_blobs(seed, size):
         assert row["problem"] == "<image>How many shapes are in the image?"
 
 
+@pytest.mark.parametrize("seed", [0, 4])
+def test_grid_answer_is_the_number_of_filled_quadrants(seed):
+    seen = set()
+    for row in make_rows("grid", 16, seed=seed, size=56):
+        image = decode(row)
+        blobs = components(image)
+        quadrants = {(x >= 28, y >= 28) for blob in blobs for x, y in blob}
+        assert all(len({(x >= 28, y >= 28) for x, y in blob}) == 1 for blob in blobs), "a cell crosses a quadrant"
+        assert row["answer"] == str(len(blobs)) == str(len(quadrants)), f"{row['id']}: {row['answer']} vs {len(blobs)}"
+        assert row["caption"].startswith(f"{len(blobs)} cell")
+        seen.add(row["answer"])
+    assert len(seen) >= 3, f"answers not varied: {seen}"
+
+
 def is_bar(rgb) -> bool:
     # Bars are saturated colours (or near black); the grid lines are light grey.
     return rgb != WHITE and not (rgb[0] == rgb[1] == rgb[2] and rgb[0] > 150)

@@ -1,0 +1,179 @@
+"""What tests/test_dist.py runs on every rank under `python -m torch.distributed.run --nproc_per_node=2`.
+
+    python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker.py update CAPTIONER OUT.pt fsdp2
+    python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker.py train CAPTIONER REASONER OUT_DIR
+    python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker.py vllm CAPTIONER REASONER OUT.pt
+
+update: one `policy_update` on a fixed set of samples, each rank taking its contiguous half, after
+    checking that the gathered full state equals the unsharded model; rank 0 saves the loss (already summed over ranks),
+    the gradient norm and the gathered weights. `update_in_process` is the same step over all samples
+    in one process, the reference the test compares with.
+train:  the real `train()` three times in this process group: 2 steps straight, then 1 step and a
+    resume to 2; each exports the final weights.
+vllm:   each rank serves the reasoner in its own in-process vLLM, pushes changed weights gathered from
+    an FSDP2-sharded copy, and compares vLLM's sampled-token log-probs with the trainer's.
+"""
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before racro_fast.kernels is imported, as in conftest.py
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_update_cfg(captioner: str, backend: str = "fsdp2", ds_config: str = ""):
+    from racro_fast.config import load_config
+    extra = [f"dist.deepspeed_config={ds_config}"] if ds_config else []
+    return load_config(ROOT / "configs" / "demo_cpu.yaml", [
+        f"model.captioner={captioner}", f"model.reasoner={captioner}", "train.micro_batch=1",
+        "train.grad_clip=1.0", f"dist.backend={backend}", *extra])
+
+
+def fixed_samples(captioner: str, n: int = 4):
+    """n captions of different lengths and advantages on one synthetic image (the same on every rank)."""
+    from PIL import Image
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor
+
+    from racro_fast.prompts import build_captioner_inputs, captioner_messages
+    from racro_fast.synth import make_rows
+    from racro_fast.train import Sample
+    tok = AutoTokenizer.from_pretrained(captioner)
+    proc = Qwen2VLImageProcessor.from_pretrained(captioner, min_pixels=3136, max_pixels=12544)
+    row = make_rows("count", 1, seed=1)[0]
+    image = Image.open(io.BytesIO(row["images"][0]["bytes"])).convert("RGB")
+    cap = build_captioner_inputs(tok, proc, captioner_messages(row["problem"], 1), [image])
+    caption = tok.encode("There are three red shapes and one blue square.", add_special_tokens=False)
+    adv = [1.0, -0.5, 0.25, -1.0, 0.75, -0.25][:n]
+    return tok, [Sample(cap.prompt_ids + caption[:3 + 2 * i], len(cap.prompt_ids), cap.pixel_values,
+                        cap.image_grid_thw, a) for i, a in enumerate(adv)]
+
+
+def _optimizer(model, cfg) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                             weight_decay=cfg.train.weight_decay)
+
+
+def _loss_cfg(cfg):
+    from racro_fast.kernels import GRPOLossConfig
+    return GRPOLossConfig(loss_agg=cfg.train.loss_agg, entropy_coef=0.01)
+
+
+def update_in_process(captioner: str) -> dict:
+    """The reference: the same step over all samples in one process, no wrapping."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from racro_fast import dist
+    from racro_fast.train import policy_update
+    cfg = tiny_update_cfg(captioner)
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(captioner, dtype=torch.float32).train()
+    opt = _optimizer(model, cfg)
+    tok, samples = fixed_samples(captioner)
+    out = policy_update(model, opt, samples, cfg, _loss_cfg(cfg), tok.pad_token_id, torch.device("cpu"))
+    return {"loss": out["loss"], "grad_norm": out["grad_norm"],
+            "weights": {k: v.clone() for k, v in dist.full_state_items(model)}}
+
+
+def run_update(captioner: str, out_path: str, backend: str, ds_config: str = "") -> None:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from racro_fast import dist
+    from racro_fast.train import policy_update
+    dist.init()
+    cfg = tiny_update_cfg(captioner, backend, ds_config)
+    torch.manual_seed(0)
+    plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(captioner, dtype=torch.float32)
+    expect = {k: v.clone() for k, v in dist.full_state_items(plain)}
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(captioner, dtype=torch.float32)
+    model = dist.wrap(model, torch.device("cpu"), cfg)
+    model.train()
+    opt = _optimizer(model, cfg)
+    model, opt = dist.attach_optimizer(model, opt, cfg)
+    # gathered, in small buckets, before any step: must be the unsharded model exactly
+    gathered = {k: v.clone() for k, v in dist.full_state_items(model, bucket_mb=1)}
+    gather_diff = {k: (gathered[k] - expect[k]).abs().max().item() if k in gathered and gathered[k].shape == expect[k].shape
+                   else float("inf") for k in expect}
+    extra = sorted(set(gathered) - set(expect))
+    tok, samples = fixed_samples(captioner)
+    n = len(samples) // dist.world_size()
+    mine = samples[dist.rank() * n:(dist.rank() + 1) * n]
+    out = policy_update(model, opt, mine, cfg, _loss_cfg(cfg), tok.pad_token_id, torch.device("cpu"))
+    loss = out["loss"]  # policy_update reports the loss summed over ranks (each rank's share of the global loss)
+    weights = {k: v.clone() for k, v in dist.full_state_items(model)}
+    if dist.rank() == 0:
+        torch.save({"loss": loss, "grad_norm": out["grad_norm"], "skipped": out["skipped"], "weights": weights,
+                    "gather_diff": gather_diff, "gather_extra": extra, "world": dist.world_size()}, out_path)
+    dist.barrier()
+
+
+def run_train(captioner: str, reasoner: str, out_dir: str, *extra: str) -> None:
+    from racro_fast import dist
+    from racro_fast.config import load_config
+    from racro_fast.train import train
+
+    def cfg(out: Path, steps: int):
+        return load_config(ROOT / "configs" / "demo_cpu.yaml", [
+            f"model.captioner={captioner}", f"model.reasoner={reasoner}", f"run.output_dir={out}",
+            f"train.steps={steps}", "train.questions_per_step=2", "train.mini_batch=2", "train.micro_batch=2",
+            "rollout.group_size=2", "train.entropy_coef=0.01", "train.kl_coef=0.001",
+            "rollout.max_caption_tokens=5", "rollout.max_reasoner_tokens=4", "data.synth_rows=8",
+            "run.progress=false", "run.export=true", "run.save_every=1", *extra])
+
+    out = Path(out_dir)
+    hist = {"a": train(cfg(out / "a", 2))["history"]}
+    train(cfg(out / "b", 1))
+    hist["b"] = train(cfg(out / "b", 2))["history"]
+    if dist.rank() == 0:
+        torch.save(hist, out / "history.pt")
+    dist.barrier()
+
+
+def run_vllm(captioner: str, reasoner: str, out_path: str, launcher: str = "") -> None:
+    """Each rank: its own vLLM reasoner engine, weights pushed from an FSDP2-sharded trainer copy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from racro_fast import dist
+    from racro_fast.engines import GenRequest, SamplingConfig, VLLMEngine
+    dist.init()
+    cfg = tiny_update_cfg(captioner)
+    tok = AutoTokenizer.from_pretrained(reasoner)
+    # the engine as train.build_engines makes it under torchrun (external_launcher, or vLLM's default)
+    engine = VLLMEngine(reasoner, dtype="float32", max_model_len=256, seed=dist.rank(),
+                        kv_cache_memory_bytes=64 << 20, distributed_executor_backend=launcher or None)
+    model = AutoModelForCausalLM.from_pretrained(reasoner, dtype=torch.float32)
+    with torch.no_grad():  # new weights the engine cannot already hold
+        g = torch.Generator().manual_seed(123)
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    model = dist.wrap(model, torch.device("cpu"), cfg)
+    n_buckets = dist.push_weights(engine, model, bucket_mb=1)
+    prompt = tok.encode(f"rank {dist.rank()}: the caption says there are", add_special_tokens=False)
+    (out,) = engine.generate([GenRequest(prompt_ids=prompt)], SamplingConfig(n=1, temperature=1.0, max_tokens=6,
+                                                                            seed=7 + dist.rank()))
+    ids = torch.tensor([prompt + out[0].token_ids])
+    diff = {}
+    for which in ("pushed", "original"):
+        ref = AutoModelForCausalLM.from_pretrained(reasoner, dtype=torch.float32)
+        if which == "pushed":
+            ref.load_state_dict(plain)
+        with torch.no_grad():
+            logits = ref(ids).logits[0, len(prompt) - 1:-1].float()
+        hf = torch.log_softmax(logits, -1).gather(-1, torch.tensor(out[0].token_ids)[:, None]).squeeze(-1)
+        diff[which] = (hf - torch.tensor(out[0].logprobs)).abs().max().item()
+    results = dist.all_gather_object({"rank": dist.rank(), "diff": diff["pushed"], "diff_original": diff["original"],
+                                      "n_tokens": len(out[0].token_ids), "buckets": n_buckets})
+    if dist.rank() == 0:
+        torch.save(results, out_path)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    mode, *args = sys.argv[1:]
+    {"update": run_update, "train": run_train, "vllm": run_vllm}[mode](*args)

@@ -1,0 +1,191 @@
+"""Multi-process training on CPU: 2 ranks over gloo, launched with `python -m torch.distributed.run`.
+
+Each test starts tests/dist_worker.py on 2 ranks with the tiny models from the conftest fixtures
+and compares what rank 0 saved with a one-process run of the same work:
+
+- one `policy_update` on fixed samples split over 2 ranks == the same update on all samples in one
+  process (summed loss, gradient norm, updated weights), for FSDP2 and DeepSpeed ZeRO-2 / ZeRO-3;
+  the gathered full state before the update == the unsharded model, exactly;
+- the real `train()` on 2 ranks: 2 steps straight == 1 step + checkpoint + resume (losses, weights);
+- each rank's own vLLM engine serves weights gathered from FSDP2 shards (log-probs == HF's).
+
+The rollouts of a 2-rank `train()` differ from a 1-process run by design (each rank samples its own
+rows with its own seed), so the 1-vs-2-process equality is checked on the update step, where the
+samples can be fixed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dist_worker
+from conftest import requires_vllm
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+LR = 1e-3  # dist_worker's AdamW learning rate
+
+
+def torchrun(*args: str, timeout: int = 300) -> None:
+    """2 ranks on this machine; a free rendezvous port each time (--standalone)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1", DS_ACCELERATOR="cpu",
+               VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(WORKER), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        errors = [line for line in (proc.stdout + proc.stderr).splitlines()
+                  if "Error" in line or "[rank0]" in line or "[rank1]" in line]
+        pytest.fail(f"2-rank run failed (exit {proc.returncode}): {' '.join(cmd[3:])}\n"
+                    + "\n".join(errors[-40:]) + "\n--- stderr tail ---\n" + proc.stderr[-3000:])
+
+
+@pytest.fixture(scope="module")
+def one_process_update(tiny_captioner_dir) -> dict:
+    return dist_worker.update_in_process(str(tiny_captioner_dir))
+
+
+def _deepspeed_missing() -> str | None:
+    if importlib.util.find_spec("deepspeed") is None:
+        return "deepspeed is not installed (pip install deepspeed; it runs on CPU with DS_ACCELERATOR=cpu over gloo)"
+    return None
+
+
+def _check_update(got: dict, ref: dict, initial: dict) -> None:
+    assert got["world"] == 2
+    bad = {k: v for k, v in got["gather_diff"].items() if v != 0.0}
+    assert not bad and not got["gather_extra"], (
+        f"gathered full state differs from the unsharded model: {sorted(bad.items())[:5]}, "
+        f"extra names {got['gather_extra'][:5]}")
+    assert got["skipped"] == 0.0
+    # the loss is a sum of per-micro-batch terms normalised by the global token count: the ranks' sums
+    # add up to the one-process value (float32 sums in another order)
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-7), (got["loss"], ref["loss"])
+    # the norm is taken after the cross-rank gradient average; a wrong world-size factor would be 2x off
+    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), (
+        f"gradient norm {got['grad_norm']} on 2 ranks vs {ref['grad_norm']} in one process")
+    assert got["weights"].keys() == ref["weights"].keys()
+    diffs = {k: (got["weights"][k] - ref["weights"][k]).abs().max().item() for k in ref["weights"]}
+    worst = max(diffs, key=diffs.get)
+    moved = max((ref["weights"][k] - initial[k]).abs().max().item() for k in initial)
+    assert moved > 0.5 * LR, f"the reference update moved no weight (max change {moved})"
+    # AdamW's first step is lr * g / (|g| + eps): an entry whose gradient is ~eps can move a visible
+    # fraction of lr on float rounding alone; 5% of lr still catches any real gradient error (those
+    # move entries by up to 2 lr, as a wrong accumulation did)
+    assert diffs[worst] <= 0.05 * LR, f"updated weights differ, worst {worst}: {diffs[worst]:.3g} (lr {LR})"
+
+
+def _initial(captioner: Path) -> dict:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from racro_fast import dist
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(captioner), dtype=torch.float32)
+    return {k: v.clone() for k, v in dist.full_state_items(model)}
+
+
+def test_fsdp2_update_matches_one_process(tmp_path, tiny_captioner_dir, one_process_update):
+    out = tmp_path / "fsdp2.pt"
+    torchrun("update", tiny_captioner_dir, out, "fsdp2")
+    _check_update(torch.load(out, weights_only=False), one_process_update, _initial(tiny_captioner_dir))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_update_matches_one_process(tmp_path, tiny_captioner_dir, one_process_update, stage):
+    if reason := _deepspeed_missing():
+        pytest.skip(reason)
+    out = tmp_path / f"zero{stage}.pt"
+    torchrun("update", tiny_captioner_dir, out, "deepspeed", ROOT / "configs" / "deepspeed" / f"zero{stage}.json")
+    _check_update(torch.load(out, weights_only=False), one_process_update, _initial(tiny_captioner_dir))
+
+
+def _check_resume(out: Path, captioner: Path, sharded_state: str) -> None:
+    from safetensors.torch import load_file
+    hist = torch.load(out / "history.pt", weights_only=False)
+    assert [h["step"] for h in hist["a"]] == [1, 2]
+    assert [h["step"] for h in hist["b"]] == [2], "the resumed run must start after its checkpoint"
+    for key in ("loss", "grad_norm", "kl_mean", "reward_mean", "caption_len_mean"):
+        a, b = hist["a"][1][key], hist["b"][0][key]
+        assert a == b, f"step 2 {key}: straight {a} vs resumed {b}"
+    ckpt = out / "b" / "checkpoints" / "step_000001"
+    assert (ckpt / sharded_state).is_dir(), f"no sharded state ({sharded_state}) in {sorted(os.listdir(ckpt))}"
+    assert (ckpt / "rng_rank0.pt").exists() and (ckpt / "rng_rank1.pt").exists()
+    wa, wb = load_file(str(out / "a" / "export" / "model.safetensors")), load_file(str(out / "b" / "export" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    diffs = {k: (wa[k] - wb[k]).abs().max().item() for k in wa}
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] == 0.0, f"exported weights differ after resume, worst {worst}: {diffs[worst]}"
+    w0 = load_file(str(captioner / "model.safetensors"))
+    assert wa.keys() == w0.keys(), f"export names differ from the checkpoint's: {sorted(set(wa) ^ set(w0))[:5]}"
+    assert max((wa[k] - w0[k]).abs().max().item() for k in wa) > 0, "2 training steps changed no weight"
+
+
+def test_fsdp2_train_checkpoint_resume(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
+    """The real loop on 2 ranks (HF rollouts with synced generate, FSDP2 update, DCP checkpoints)."""
+    torchrun("train", tiny_captioner_dir, tiny_reasoner_dir, tmp_path)
+    _check_resume(tmp_path, tiny_captioner_dir, "dcp")
+
+
+def test_deepspeed_zero3_train_checkpoint_resume(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
+    """The same with ZeRO-3: partitioned generate, lm_head gathered with the decoder, engine checkpoints."""
+    if reason := _deepspeed_missing():
+        pytest.skip(reason)
+    torchrun("train", tiny_captioner_dir, tiny_reasoner_dir, tmp_path, "dist.backend=deepspeed",
+             f"dist.deepspeed_config={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}")
+    _check_resume(tmp_path, tiny_captioner_dir, "deepspeed")
+
+
+@requires_vllm
+def test_each_rank_vllm_serves_pushed_weights(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
+    """Two in-process vLLM engines (one per rank, external_launcher as build_engines makes them)
+    take bucketed weights gathered from FSDP2 shards; their sampled log-probs match HF on those weights.
+
+    The tiny reasoner (Qwen2) stands in for the captioner: vLLM's Qwen2.5-VL imports torchvision,
+    which does not load with CPU torch (see DESIGN.md), so the captioner's vLLM path runs on GPU only.
+    """
+    out = tmp_path / "vllm.pt"
+    torchrun("vllm", tiny_captioner_dir, tiny_reasoner_dir, out, "external_launcher", timeout=400)
+    results = torch.load(out, weights_only=False)
+    assert [r["rank"] for r in results] == [0, 1]
+    for r in results:
+        assert r["n_tokens"] > 0 and r["buckets"] >= 2, r  # 1 MiB buckets over the tiny reasoner: several pushes
+        assert r["diff"] < 1e-4, f"rank {r['rank']}: vLLM log-probs differ from HF on the pushed weights by {r['diff']}"
+        assert r["diff_original"] > 1e-2, (
+            f"rank {r['rank']}: the original weights score the tokens as well ({r['diff_original']}): "
+            "the push was not what the engine served")
+
+
+def test_trainer_memory_estimate_one_process(tiny_captioner_dir):
+    """Per-rank bytes of the FSDP2 estimate in one process: params + grads + two AdamW moments."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from racro_fast import dist
+    cfg = dist_worker.tiny_update_cfg(str(tiny_captioner_dir))
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_captioner_dir), dtype=torch.float32)
+    n = sum(p.numel() for p in model.parameters())
+    est = dist.trainer_bytes_per_rank(model, cfg, with_ref=True)
+    assert est == {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n, "ref": 4 * n}, (est, n)
+    dist.check_memory(model, cfg, torch.device("cpu"), with_ref=True)  # no GPU: nothing to check, no error
+
+
+@pytest.mark.requires_cuda
+def test_memory_check_on_gpu(tiny_captioner_dir):
+    """A trainer that cannot sit next to the engines is refused at start-up, naming the settings;
+    one that fits passes, and the memory log lands in the metrics."""
+    from racro_fast import dist
+    cfg = dist_worker.tiny_update_cfg(str(tiny_captioner_dir))  # engines 0.3 + 0.3 of the device
+    dev = torch.device("cuda", torch.cuda.current_device())
+    total = torch.cuda.get_device_properties(dev).total_memory
+    n = int(0.4 * total / 4)  # fp32 master weights alone: 40% of the device, next to 60% for the engines
+    big = torch.nn.Linear(n // 1000, 1000, bias=False, device="meta")
+    with pytest.raises(ValueError, match="rollout.captioner_gpu_fraction"):
+        dist.check_memory(big, cfg, dev, with_ref=False)
+    dist.check_memory(torch.nn.Linear(64, 64, device=dev), cfg, dev, with_ref=True)
+    metrics: dict = {}
+    dist.log_memory("step", metrics)
+    assert set(metrics) == {"mem_step_alloc_gb", "mem_step_reserved_gb"}, metrics
