@@ -27,9 +27,12 @@ import functools
 import json
 import logging
 import os
+import random
+import shutil
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.distributed as tdist
 
@@ -497,6 +500,58 @@ def reload_optimizer(optimizer, cfg) -> None:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, data_state: dict, keep: int) -> Path:
+    """Write to `step_N.tmp`, then rename: a checkpoint folder that exists is complete."""
+    ckpt_root = out_dir / "checkpoints"
+    final = ckpt_root / f"step_{step:06d}"
+    tmp = ckpt_root / f"step_{step:06d}.tmp"
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    save_model_and_optimizer(model, optimizer, tmp)
+    if rank() == 0:
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "data": data_state}, tmp / "trainer.pt")
+    torch.save(rng_state(), tmp / f"rng_rank{rank()}.pt")
+    barrier()
+    if rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted(p for p in ckpt_root.glob("step_*") if not p.name.endswith(".tmp"))
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def find_checkpoint(out_dir: Path, resume: str) -> Path | None:
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / "trainer.pt").exists():
+            raise FileNotFoundError(f"run.resume: {path} is not a complete checkpoint (no trainer.pt)")
+        return path
+    done = sorted(p for p in (out_dir / "checkpoints").glob("step_*")
+                  if not p.name.endswith(".tmp") and (p / "trainer.pt").exists())
+    return done[-1] if done else None
+
+
 def save_model_and_optimizer(model, optimizer, path: Path) -> None:
     """Every rank calls this. Sharded runs write sharded state (DCP for FSDP2, the engine's own for
     DeepSpeed), so a resume needs the same world size; `export` writes the portable full model."""
@@ -569,7 +624,6 @@ def export(model, tokenizer, image_processor, out: Path) -> None:
     if rank() != 0:
         return
     tmp = out.with_name(out.name + ".tmp")
-    import shutil
     shutil.rmtree(tmp, ignore_errors=True)
     unwrap(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(tmp)

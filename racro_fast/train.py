@@ -25,10 +25,8 @@ import copy
 import json
 import logging
 import math
-import os
 import random
 import resource
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -198,60 +196,6 @@ def policy_update(model, optimizer, samples: list[Sample], cfg: Config, loss_cfg
     dist.step(model, optimizer)
     out["skipped"] = 0.0
     return out
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, data_state: dict, keep: int) -> Path:
-    """Write to `step_N.tmp`, then rename: a checkpoint folder that exists is complete."""
-    ckpt_root = out_dir / "checkpoints"
-    final = ckpt_root / f"step_{step:06d}"
-    tmp = ckpt_root / f"step_{step:06d}.tmp"
-    if dist.rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dist.save_model_and_optimizer(model, optimizer, tmp)
-    if dist.rank() == 0:
-        torch.save({"step": step, "scheduler": scheduler.state_dict(), "data": data_state}, tmp / "trainer.pt")
-    torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
-    dist.barrier()
-    if dist.rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        done = sorted(p for p in ckpt_root.glob("step_*") if not p.name.endswith(".tmp"))
-        for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
-
-
-def find_checkpoint(out_dir: Path, resume: str) -> Path | None:
-    if resume == "none":
-        return None
-    if resume != "auto":
-        path = Path(resume)
-        if not (path / "trainer.pt").exists():
-            raise FileNotFoundError(f"run.resume: {path} is not a complete checkpoint (no trainer.pt)")
-        return path
-    done = sorted(p for p in (out_dir / "checkpoints").glob("step_*")
-                  if not p.name.endswith(".tmp") and (p / "trainer.pt").exists())
-    return done[-1] if done else None
 
 
 # ----------------------------------------------------------------------------- data order
@@ -442,7 +386,7 @@ def train(cfg: Config) -> dict:
 
     # --- resume
     start_step = 0
-    ckpt = find_checkpoint(out_dir, cfg.run.resume)
+    ckpt = dist.find_checkpoint(out_dir, cfg.run.resume)
     if ckpt is not None:
         dist.load_model_and_optimizer(policy, optimizer, ckpt)
         state = torch.load(ckpt / "trainer.pt", weights_only=False)
@@ -450,7 +394,7 @@ def train(cfg: Config) -> dict:
         stream.load(state["data"]["stream"][dist.rank()] if "stream" in state["data"] else state["data"])
         rng_file = ckpt / f"rng_rank{dist.rank()}.pt"
         if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            dist.set_rng_state(torch.load(rng_file, weights_only=False))
         start_step = state["step"]
         dist.push_weights(captioner_engine, policy, cfg.dist.weight_bucket_mb)
         log.info("resumed from %s at step %d", ckpt, start_step)
@@ -601,7 +545,7 @@ def train(cfg: Config) -> dict:
         # --- checkpoint
         last = step + 1 == cfg.train.steps
         if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or last:
-            save_checkpoint(out_dir, step + 1, policy, optimizer, scheduler,
+            dist.save_checkpoint(out_dir, step + 1, policy, optimizer, scheduler,
                             {"stream": dist.all_gather_object(stream.state())}, cfg.run.keep_checkpoints)
 
     if pbar is not None:

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from racro_fast.kernels import GRPOLossConfig, grpo_advantages, grpo_loss
-from racro_fast.kernels.reference import grpo_loss_ref
 
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
