@@ -15,17 +15,14 @@ Rows go to benchmarks/results/fused_linear_logprob.csv; plot with benchmarks/plo
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_rows, measure, merge_rounds, print_table, round_ratios, run_isolated  # noqa: E402
+from common import measure, run_benchmark  # noqa: E402
 
 KERNEL = "fused_linear_logprob"
 PROVIDERS = ("ours", "torch", "compile", "liger")
@@ -110,76 +107,31 @@ def run_one(spec: dict) -> dict:
     return out
 
 
+def derive(r: dict) -> None:
+    """Columns that follow from the medians of ms and peak_mb."""
+    r["extra_mb"] = r["peak_mb"] - r["io_mb"]
+    if "gemm_ms" in r:
+        r["vs_4gemm"] = r["ms"] / (4 * r["gemm_ms"])
+
+
+def peak_text(o: dict, t: dict) -> str:
+    return f"{o['peak_mb'] / max(t['peak_mb'], 1e-9):.1%} ({o['peak_mb']:.0f} vs {t['peak_mb']:.0f} MiB)"
+
+
+def gemm_lines(sel: dict[str, dict]) -> list[str]:
+    """On CUDA: ours(full) against the 4 GEMMs it cannot avoid."""
+    if "ours" not in sel or "vs_4gemm" not in sel["ours"]:
+        return []
+    o = sel["ours"]
+    return [f"ours full = {o['vs_4gemm']:.2f}x the 4 GEMMs ({o['gemm_ms']:.2f} ms each, "
+            f"{o['gemm_tflops']:.0f} TFLOP/s), memory beyond inputs/outputs/grads {o['extra_mb']:.0f} MiB"]
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=None, help="NxDxV[,NxDxV...] (default: per device)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--providers", default=",".join(PROVIDERS))
-    p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="tiny shapes, 1 warm-up, 2 reps")
-    p.add_argument("--rounds", type=int, default=1, help="repeat every measurement, providers interleaved; medians")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{KERNEL}.csv"))
-    p.add_argument("--no-csv", action="store_true")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        print(json.dumps(run_one(json.loads(args.worker))))
-        return
-    if args.threads:
-        torch.set_num_threads(args.threads)  # also recorded in the CSV's device column
-
-    cuda = torch.cuda.is_available()
-    if args.shapes:
-        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-    else:
-        shapes = QUICK_SHAPES if args.quick else GPU_SHAPES if cuda else CPU_SHAPES
-    dtype = args.dtype or ("bf16" if cuda else "fp32")
-    warmup = args.warmup if args.warmup is not None else 1 if (args.quick or not cuda) else 5
-    reps = args.reps if args.reps is not None else 2 if args.quick else 3 if not cuda else 20
-    rounds = []
-    for k in range(args.rounds):
-        rows = []
-        for N, D, V in shapes:
-            for provider in args.providers.split(","):
-                for mode in args.modes.split(","):
-                    spec = dict(kernel=KERNEL, provider=provider, mode=mode, N=N, D=D, V=V, dtype=dtype,
-                                warmup=warmup, reps=reps, threads=args.threads or torch.get_num_threads())
-                    r = run_one(spec) if cuda else run_isolated(os.path.abspath(__file__), spec)
-                    if cuda:
-                        torch.cuda.empty_cache()
-                    rows.append(r)
-                    print(f"  round {k}: {provider:8s} {mode:8s} N={N} D={D} V={V}: {r['ms']:.2f} ms, "
-                          f"peak {r['peak_mb']:.1f} MiB" + (f"  [{r['note']}]" if r.get("note") else ""), flush=True)
-        rounds.append(rows)
-    rows = merge_rounds(rounds)
-    for r in rows:
-        r["extra_mb"] = r["peak_mb"] - r["io_mb"]
-        if "gemm_ms" in r:
-            r["vs_4gemm"] = r["ms"] / (4 * r["gemm_ms"])
-    print()
-    print_table(rows, ["provider", "mode", "N", "D", "V", "dtype", "ms", "peak_mb", "extra_mb", "ms_rounds", "note"])
-    for N, D, V in shapes:
-        for mode in args.modes.split(","):
-            def match(r: dict) -> bool:
-                return (r["N"], r["D"], r["V"], r["mode"]) == (N, D, V, mode)
-
-            sel = {r["provider"]: r for r in rows if match(r)}
-            t_ratios = round_ratios(rounds, match, "ours", "torch")
-            if t_ratios:
-                o, t = sel["ours"], sel["torch"]
-                print(f"ours / torch ({mode}, N={N} D={D} V={V}): time {statistics.median(t_ratios):.2f}x "
-                      f"(per round: {' '.join(f'{x:.2f}' for x in t_ratios)}), "
-                      f"peak memory {o['peak_mb'] / max(t['peak_mb'], 1e-9):.1%} ({o['peak_mb']:.0f} vs {t['peak_mb']:.0f} MiB)")
-            if "ours" in sel and "vs_4gemm" in sel["ours"]:
-                o = sel["ours"]
-                print(f"ours full = {o['vs_4gemm']:.2f}x the 4 GEMMs ({o['gemm_ms']:.2f} ms each, "
-                      f"{o['gemm_tflops']:.0f} TFLOP/s), memory beyond inputs/outputs/grads {o['extra_mb']:.0f} MiB")
-    if not args.no_csv:
-        append_rows(args.csv, rows)
-        print(f"appended {len(rows)} rows to {args.csv}")
+    run_benchmark(os.path.abspath(__file__), __doc__, run_one, kernel=KERNEL, dims="NDV", dtypes=DTYPES,
+                  providers=PROVIDERS, modes=MODES, gpu_shapes=GPU_SHAPES, cpu_shapes=CPU_SHAPES,
+                  quick_shapes=QUICK_SHAPES, cpu_reps=3, derive=derive, columns=["extra_mb"],
+                  peak_text=peak_text, extra_lines=gemm_lines)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_rows, measure, print_table, run_isolated  # noqa: E402
+from common import append_rows, measure, parse_shapes, print_table, run_spec  # noqa: E402
 
 KERNEL = "grpo_loss"
 PROVIDERS = ("ours", "torch", "compile", "liger")
@@ -166,7 +166,7 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     if args.shapes:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        shapes = parse_shapes(args.shapes)
     else:
         shapes = QUICK_SHAPES if args.quick else GPU_SHAPES if cuda else CPU_SHAPES
     warmup = args.warmup if args.warmup is not None else 1 if args.quick else 3 if not cuda else 10
@@ -177,9 +177,7 @@ def main() -> None:
             for mode in args.modes.split(","):
                 spec = dict(kernel=KERNEL, provider=provider, mode=mode, B=B, T=T, dtype=args.dtype,
                             warmup=warmup, reps=reps, liger_vocab=args.liger_vocab, threads=args.threads)
-                r = run_one(spec) if cuda else run_isolated(os.path.abspath(__file__), spec)
-                if cuda:
-                    torch.cuda.empty_cache()
+                r = run_spec(os.path.abspath(__file__), run_one, spec)
                 rows.append(r)
                 bw = f", {r['gbs']:.1f} GB/s ({r['pct_copy']:.0f}% of copy)" if "gbs" in r else ""
                 print(f"  {provider:8s} {mode:8s} B={B} T={T}: {r['ms']:.3f} ms, peak {r['peak_mb']:.1f} MiB{bw}"

@@ -16,16 +16,13 @@ Rows go to benchmarks/results/logprob_from_logits.csv; plot with benchmarks/plot
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_rows, measure, merge_rounds, print_table, round_ratios, run_isolated  # noqa: E402
+from common import measure, run_benchmark  # noqa: E402
 
 KERNEL = "logprob_from_logits"
 PROVIDERS = ("ours", "torch", "compile", "liger")
@@ -115,73 +112,19 @@ def run_one(spec: dict) -> dict:
     return out
 
 
+def derive(r: dict) -> None:
+    """Columns that follow from the median of ms."""
+    r["gb_s"] = r["bytes"] / r["ms"] / 1e6
+    if "copy_gb_s" in r:
+        r["vs_copy"] = r["gb_s"] / r["copy_gb_s"]
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=None, help="NxV[,NxV...] (default: per device)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--providers", default=",".join(PROVIDERS))
-    p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="tiny shapes, 1 warm-up, 2 reps")
-    p.add_argument("--rounds", type=int, default=1, help="repeat every measurement, providers interleaved; medians")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{KERNEL}.csv"))
-    p.add_argument("--no-csv", action="store_true")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        print(json.dumps(run_one(json.loads(args.worker))))
-        return
-    if args.threads:
-        torch.set_num_threads(args.threads)  # also recorded in the CSV's device column
-
-    cuda = torch.cuda.is_available()
-    if args.shapes:
-        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-    else:
-        shapes = QUICK_SHAPES if args.quick else GPU_SHAPES if cuda else CPU_SHAPES
-    dtype = args.dtype or ("bf16" if cuda else "fp32")
-    warmup = args.warmup if args.warmup is not None else 1 if (args.quick or not cuda) else 5
-    reps = args.reps if args.reps is not None else 2 if args.quick else 5 if not cuda else 20
-    rounds = []
-    for k in range(args.rounds):
-        rows = []
-        for N, V in shapes:
-            for provider in args.providers.split(","):
-                for mode in args.modes.split(","):
-                    spec = dict(kernel=KERNEL, provider=provider, mode=mode, N=N, V=V, dtype=dtype,
-                                warmup=warmup, reps=reps, threads=args.threads or torch.get_num_threads())
-                    r = run_one(spec) if cuda else run_isolated(os.path.abspath(__file__), spec)
-                    if cuda:
-                        torch.cuda.empty_cache()
-                    rows.append(r)
-                    print(f"  round {k}: {provider:8s} {mode:8s} N={N} V={V}: {r['ms']:.2f} ms, "
-                          f"peak {r['peak_mb']:.1f} MiB" + (f"  [{r['note']}]" if r.get("note") else ""), flush=True)
-        rounds.append(rows)
-    rows = merge_rounds(rounds)
-    for r in rows:
-        r["gb_s"] = r["bytes"] / r["ms"] / 1e6
-        if "copy_gb_s" in r:
-            r["vs_copy"] = r["gb_s"] / r["copy_gb_s"]
-    print()
-    cols = ["provider", "mode", "N", "V", "dtype", "ms", "peak_mb", "gb_s"] + (["vs_copy"] if cuda else [])
-    print_table(rows, cols + ["ms_rounds", "note"])
-    for N, V in shapes:
-        for mode in args.modes.split(","):
-            def match(r: dict) -> bool:
-                return (r["N"], r["V"], r["mode"]) == (N, V, mode)
-
-            sel = {r["provider"]: r for r in rows if match(r)}
-            t_ratios = round_ratios(rounds, match, "ours", "torch")
-            if t_ratios:
-                o, t = sel["ours"], sel["torch"]
-                print(f"ours / torch ({mode}, N={N} V={V}): time {statistics.median(t_ratios):.2f}x "
-                      f"(per round: {' '.join(f'{x:.2f}' for x in t_ratios)}), "
-                      f"peak memory {o['peak_mb']:.0f} vs {t['peak_mb']:.0f} MiB")
-    if not args.no_csv:
-        append_rows(args.csv, rows)
-        print(f"appended {len(rows)} rows to {args.csv}")
+    columns = ["gb_s"] + (["vs_copy"] if torch.cuda.is_available() else [])
+    run_benchmark(os.path.abspath(__file__), __doc__, run_one, kernel=KERNEL, dims="NV", dtypes=DTYPES,
+                  providers=PROVIDERS, modes=MODES, gpu_shapes=GPU_SHAPES, cpu_shapes=CPU_SHAPES,
+                  quick_shapes=QUICK_SHAPES, cpu_reps=5, derive=derive, columns=columns,
+                  peak_text=lambda o, t: f"{o['peak_mb']:.0f} vs {t['peak_mb']:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Peak memory is the growth over what was allocated when `measure` started (inputs
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import json
@@ -204,3 +205,105 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for row in cells:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """"NxV,NxV" (any number of dims per shape) -> [(N, V), (N, V)]."""
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+
+
+def run_spec(script: str, run_one: Callable[[dict], dict], spec: dict) -> dict:
+    """One measurement: in this process on CUDA, where the allocator's peak counters are exact,
+    and in fresh subprocesses of `script` on CPU, where the peak RSS must be the run's own."""
+    if not torch.cuda.is_available():
+        return run_isolated(script, spec)
+    r = run_one(spec)
+    torch.cuda.empty_cache()  # the next shape's peak must not depend on what this one left cached
+    return r
+
+
+def run_benchmark(script: str, doc: str, run_one: Callable[[dict], dict], *, kernel: str, dims: str,
+                  dtypes: dict, providers: tuple[str, ...], modes: tuple[str, ...],
+                  gpu_shapes: list[tuple[int, ...]], cpu_shapes: list[tuple[int, ...]],
+                  quick_shapes: list[tuple[int, ...]], cpu_reps: int,
+                  derive: Callable[[dict], None], columns: list[str],
+                  peak_text: Callable[[dict, dict], str],
+                  extra_lines: Callable[[dict[str, dict]], list[str]] | None = None) -> None:
+    """Command line, rounds of measurements, table, ours/torch ratios and CSV of one kernel's benchmark.
+
+    `script` is the benchmark's own path: CPU workers re-run it with --worker, which calls
+    `run_one(spec)`. `dims` names the shape's dimensions, one letter each ("NDV": shapes
+    NxDxV, spec keys N, D, V). Rounds interleave the providers and merge into medians; columns
+    derived from medians (ratios, bandwidths) are recomputed from them by `derive(row)`.
+    The table shows the spec, ms and peak_mb, then `columns`; each (shape, mode) with ours and
+    torch gets a time ratio line ending in `peak_text(ours_row, torch_row)`, then the lines of
+    `extra_lines({provider: row})`.
+    """
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shape = "x".join(dims)
+    p.add_argument("--shapes", default=None, help=f"{shape}[,{shape}...] (default: per device)")
+    p.add_argument("--dtype", default=None, choices=sorted(dtypes), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--providers", default=",".join(providers))
+    p.add_argument("--modes", default=",".join(modes))
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 1 warm-up, 2 reps")
+    p.add_argument("--rounds", type=int, default=1, help="repeat every measurement, providers interleaved; medians")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--csv", default=os.path.join(os.path.dirname(script), "results", f"{kernel}.csv"))
+    p.add_argument("--no-csv", action="store_true")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(run_one(json.loads(args.worker))))
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)  # also recorded in the CSV's device column
+
+    cuda = torch.cuda.is_available()
+    if args.shapes:
+        shapes = parse_shapes(args.shapes)
+    else:
+        shapes = quick_shapes if args.quick else gpu_shapes if cuda else cpu_shapes
+    dtype = args.dtype or ("bf16" if cuda else "fp32")
+    warmup = args.warmup if args.warmup is not None else 1 if (args.quick or not cuda) else 5
+    reps = args.reps if args.reps is not None else 2 if args.quick else cpu_reps if not cuda else 20
+
+    def label(r: dict) -> str:
+        return " ".join(f"{d}={r[d]}" for d in dims)
+
+    rounds = []
+    for k in range(args.rounds):
+        rows = []
+        for dim_values in shapes:
+            for provider in args.providers.split(","):
+                for mode in args.modes.split(","):
+                    # Key order is the CSV's column order.
+                    spec = dict(kernel=kernel, provider=provider, mode=mode, **dict(zip(dims, dim_values)),
+                                dtype=dtype, warmup=warmup, reps=reps, threads=args.threads or torch.get_num_threads())
+                    r = run_spec(script, run_one, spec)
+                    rows.append(r)
+                    print(f"  round {k}: {provider:8s} {mode:8s} {label(spec)}: {r['ms']:.2f} ms, "
+                          f"peak {r['peak_mb']:.1f} MiB" + (f"  [{r['note']}]" if r.get("note") else ""), flush=True)
+        rounds.append(rows)
+    rows = merge_rounds(rounds)
+    for r in rows:
+        derive(r)
+    print()
+    print_table(rows, ["provider", "mode", *dims, "dtype", "ms", "peak_mb", *columns, "ms_rounds", "note"])
+    for dim_values in shapes:
+        for mode in args.modes.split(","):
+            def match(r: dict) -> bool:
+                return tuple(r[d] for d in dims) + (r["mode"],) == tuple(dim_values) + (mode,)
+
+            sel = {r["provider"]: r for r in rows if match(r)}
+            t_ratios = round_ratios(rounds, match, "ours", "torch")
+            if t_ratios:
+                o, t = sel["ours"], sel["torch"]
+                print(f"ours / torch ({mode}, {label(o)}): time {statistics.median(t_ratios):.2f}x "
+                      f"(per round: {' '.join(f'{x:.2f}' for x in t_ratios)}), peak memory {peak_text(o, t)}")
+            for line in extra_lines(sel) if extra_lines else ():
+                print(line)
+    if not args.no_csv:
+        append_rows(args.csv, rows)
+        print(f"appended {len(rows)} rows to {args.csv}")
