@@ -36,6 +36,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("RACRO_FAST_CACHE", Path.home() / ".cache" / "racro_fast"))
 
 
+def _answer(numbers: list[int], task: str, rng: random.Random) -> str:
+    """What the caption's numbers say the answer is; with no number, a guess in the task's range."""
+    lo, hi = NUMBER_RANGE[task]
+    return str(ANSWER_RULES[task](numbers)) if numbers else str(rng.randint(lo, hi))
+
+
 def _randomize(caption: str, task: str, rng: random.Random) -> tuple[str, str]:
     """Replace every number of a true caption by a random one; the answer follows the caption."""
     lo, hi = NUMBER_RANGE[task]
@@ -46,7 +52,7 @@ def _randomize(caption: str, task: str, rng: random.Random) -> tuple[str, str]:
         return str(numbers[-1])
 
     text = re.sub(r"\d+", sub, caption)
-    return text, str(ANSWER_RULES[task](numbers)) if numbers else str(rng.randint(lo, hi))
+    return text, _answer(numbers, task, rng)
 
 
 def _short(caption: str) -> str:
@@ -61,8 +67,7 @@ def _noise_caption(tokenizer, rng: random.Random, task: str) -> tuple[str, str]:
     text = tokenizer.decode([rng.choice(ids) for _ in range(rng.randint(1, 10))])
     numbers = [int(n) for n in re.findall(r"\d", text)]
     lo, hi = NUMBER_RANGE[task]
-    numbers = [n for n in numbers if lo <= n <= hi]
-    return text, str(ANSWER_RULES[task](numbers)) if numbers else str(rng.randint(lo, hi))
+    return text, _answer([n for n in numbers if lo <= n <= hi], task, rng)
 
 
 def _sft(model, examples: list[tuple[dict, list[int]]], steps: int, batch: int, lr: float, seed: int,
@@ -108,10 +113,10 @@ def _sft(model, examples: list[tuple[dict, list[int]]], steps: int, batch: int, 
 def _reasoner_accuracy(reasoner, tok, rows: list[dict], task: str, rng: random.Random, n: int = 64) -> float:
     """Greedy answers on captions that state a (random) number: how often the boxed answer follows it."""
     from racro_fast.engines import GenRequest, HFEngine, SamplingConfig
-    from racro_fast.prompts import reasoner_messages, text_prompt_ids
+    from racro_fast.prompts import clean_problem, reasoner_messages, text_prompt_ids
     from racro_fast.rewards import boxed_math
     cases = [_randomize(_short(rows[i % len(rows)]["caption"]), task, rng) for i in range(n)]
-    reqs = [GenRequest(prompt_ids=text_prompt_ids(tok, reasoner_messages(c, rows[i % len(rows)]["problem"].replace("<image>", "").strip())))
+    reqs = [GenRequest(prompt_ids=text_prompt_ids(tok, reasoner_messages(c, clean_problem(rows[i % len(rows)]["problem"]))))
             for i, (c, _) in enumerate(cases)]
     outs = HFEngine(reasoner, tok).generate(reqs, SamplingConfig(n=1, temperature=0.0, max_tokens=8))
     return sum(boxed_math(o[0].text, a) for o, (_, a) in zip(outs, cases)) / n
@@ -119,7 +124,8 @@ def _reasoner_accuracy(reasoner, tok, rows: list[dict], task: str, rng: random.R
 
 def prepare_demo_models(cfg) -> tuple[str, str]:
     """Build (or reuse from the cache) the demo captioner and reasoner; returns their paths."""
-    from racro_fast.prompts import build_captioner_inputs, captioner_messages, reasoner_messages, text_prompt_ids
+    from racro_fast.prompts import (build_captioner_inputs, captioner_messages, clean_problem, reasoner_messages,
+                                    text_prompt_ids)
     from racro_fast.synth import make_rows
     from racro_fast.tiny import build_captioner, build_reasoner, build_tokenizer
 
@@ -154,7 +160,7 @@ def prepare_demo_models(cfg) -> tuple[str, str]:
             caption, answer = _randomize(_short(row["caption"]), task, rng)
         else:
             caption, answer = _noise_caption(tok, rng, task)
-        question = row["problem"].replace("<image>", "").strip()
+        question = clean_problem(row["problem"])
         prompt = text_prompt_ids(tok, reasoner_messages(caption, question))
         examples.append(({"prompt_ids": prompt}, tok.encode(f"\\boxed{{{answer}}}", add_special_tokens=False) + eos))
     loss = _sft(reasoner, examples, steps=200, batch=32, lr=1e-3, seed=seed, pad_id=tok.pad_token_id,

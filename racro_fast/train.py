@@ -40,7 +40,8 @@ from racro_fast.config import Config, load_config
 from racro_fast.data import RowDataset
 from racro_fast.engines import GenRequest, HFEngine, SamplingConfig, VLLMEngine
 from racro_fast.kernels import GRPOLossConfig, fused_linear_logprob, grpo_advantages, grpo_loss
-from racro_fast.prompts import build_captioner_inputs, captioner_messages, reasoner_messages, text_prompt_ids
+from racro_fast.prompts import (build_captioner_inputs, captioner_messages, clean_problem, reasoner_messages,
+                                text_prompt_ids)
 from racro_fast.rewards import RewardScorer, caption_rewards
 
 log = logging.getLogger("racro_fast.train")
@@ -391,7 +392,7 @@ def train(cfg: Config) -> dict:
         dist.load_model_and_optimizer(policy, optimizer, ckpt)
         state = torch.load(ckpt / "trainer.pt", weights_only=False)
         scheduler.load_state_dict(state["scheduler"])
-        stream.load(state["data"]["stream"][dist.rank()] if "stream" in state["data"] else state["data"])
+        stream.load(state["data"]["stream"][dist.rank()])
         rng_file = ckpt / f"rng_rank{dist.rank()}.pt"
         if rng_file.exists():
             dist.set_rng_state(torch.load(rng_file, weights_only=False))
@@ -452,7 +453,7 @@ def train(cfg: Config) -> dict:
         t = time.perf_counter()
         reasoner_engine.wake_up()
         dist.log_memory("reasoner_wake", phase)
-        question_text = [r.problem.replace("<image>", "").strip() for r in rows]
+        question_text = [clean_problem(r.problem) for r in rows]
         r_requests = [GenRequest(prompt_ids=text_prompt_ids(reasoner_tokenizer, reasoner_messages(c.text, question_text[q])))
                       for q in range(len(rows)) for c in captions[q]]
         answers = reasoner_engine.generate(r_requests, SamplingConfig(
