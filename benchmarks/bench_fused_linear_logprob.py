@@ -1,4 +1,4 @@
-"""Benchmark fused_linear_logprob: ours vs eager torch, torch.compile and Liger's fused linear CE.
+"""Benchmark fused_linear_logprob: ours vs eager torch, torch.compile and Liger's fused linear paths.
 
     python benchmarks/bench_fused_linear_logprob.py              # default shapes for this device
     python benchmarks/bench_fused_linear_logprob.py --quick      # tiny smoke run
@@ -6,7 +6,11 @@
 
 Providers: ours (kernels.fused_linear_logprob: Triton on CUDA, the chunked reference on CPU),
 torch (h @ W.T, log_softmax in fp32, gather), compile (torch.compile of that), liger
-(LigerFusedLinearCrossEntropyLoss, sum reduction: the closest peer; CUDA only). Modes: forward
+(LigerFusedLinearCrossEntropyLoss, sum reduction: the closest peer, it too never keeps the
+logits; CUDA only), liger_grpo (LigerFusedLinearGRPOLoss: Liger's fused linear GRPO loss, whose
+log-probs come from a sequence x vocab chunked torch loop; on-policy, no KL, so beyond the
+log-probs it adds only elementwise loss math on [N]; runs on CPU too). Both Liger providers
+compute their gradients during the forward, so against them only the full mode compares. Modes: forward
 (with autograd recording), backward (of a retained graph), full (both). On CUDA the run also
 times one bf16 GEMM of the same shape and reports ours(full) / (4 GEMMs): the forward, the
 backward's recompute, dh and dW are the 4 unavoidable [N, D] x [D, V]-sized products.
@@ -25,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import measure, run_benchmark  # noqa: E402
 
 KERNEL = "fused_linear_logprob"
-PROVIDERS = ("ours", "torch", "compile", "liger")
+PROVIDERS = ("ours", "torch", "compile", "liger", "liger_grpo")
 MODES = ("forward", "backward", "full")
 GPU_SHAPES = [(4096, 2048, 151936), (16384, 2048, 151936), (4096, 3584, 152064), (16384, 3584, 152064)]
 CPU_SHAPES = [(2048, 1024, 32000)]
@@ -38,8 +42,12 @@ def eager_logprob(h: torch.Tensor, W: torch.Tensor, y: torch.Tensor) -> torch.Te
     return torch.log_softmax(logits.float(), dim=-1).gather(1, y[:, None]).squeeze(1)
 
 
-def make_provider(name: str, h, W, y):
-    """A zero-argument callable returning the differentiable output, or a reason it cannot run."""
+def make_provider(name: str, h, W, y, interpreted: bool = False):
+    """A zero-argument callable returning the differentiable output, or a reason it cannot run.
+
+    interpreted: let Liger's Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (tests
+    check that each provider computes what ours does; never for timing).
+    """
     if name == "ours":
         from racro_fast.kernels import fused_linear_logprob
 
@@ -50,7 +58,7 @@ def make_provider(name: str, h, W, y):
         compiled = torch.compile(eager_logprob, dynamic=False)
         return lambda: compiled(h, W, y)
     if name == "liger":
-        if not h.is_cuda:
+        if not (h.is_cuda or interpreted):
             return "liger runs on CUDA only"
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -58,6 +66,17 @@ def make_provider(name: str, h, W, y):
             return f"liger-kernel not importable ({e})"
         loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="sum")
         return lambda: loss_fn(W, h, y)
+    if name == "liger_grpo":
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        except ImportError as e:
+            return f"liger-kernel not importable ({e})"
+        # Token-mean ("bnpo"), beta 0 and no old log-probs: the loss is -mean(A exp(logp - sg(logp))),
+        # whose gradient is -A/N times that of sum(logp). Loss math compiled on CUDA (Liger's default).
+        loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="bnpo", compiled=h.is_cuda)
+        mask = torch.ones(1, h.shape[0], device=h.device)
+        adv = torch.ones(1, device=h.device)
+        return lambda: loss_fn(h[None], W, y[None], mask, adv)[0]
     raise ValueError(f"unknown provider {name!r}")
 
 

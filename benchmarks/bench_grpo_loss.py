@@ -7,8 +7,9 @@
 Providers: ours (kernels.grpo_loss: Triton on CUDA, the torch reference on CPU, so on CPU it
 times the same code as `torch`), torch (kernels.reference.grpo_loss_ref, eager), compile
 (torch.compile of the reference), liger (liger_kernel.ops.grpo_loss, CUDA only). Liger's op
-fuses the log-softmax and so reads logits [B, T+1, V] instead of log-probs; it runs here with a
-vocab of --liger-vocab (default 8) so that its time is mostly its loss work. Modes: forward (with
+fuses the log-softmax and so reads logits [B, T+1, V] instead of log-probs; it runs here on fp32
+logits of a vocab of --liger-vocab (default 8), built so that their log-probs are ours, so that
+its time is mostly its loss work and its loss is ours. Modes: forward (with
 autograd recording), backward (of a retained graph), full (both).
 
 The loss is RACRO's setting: fp32 log-probs, clip 0.2/0.2, k3 KL with beta 0.001, token-mean, no
@@ -62,8 +63,28 @@ def bytes_moved(B: int, T: int, elem: int, mode: str) -> int:
     return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
 
 
-def make_provider(name: str, x: dict, cfg, liger_vocab: int):
-    """A zero-argument callable returning the loss, or a string saying why it cannot run here."""
+def logits_with_logp(logp: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits [B, T+1, vocab] and ids [B, T] whose log-softmax at the ids is `logp` [B, T].
+
+    Liger's GRPO op takes logits, ours log-probs: built this way both score the same numbers. The
+    id gets logit 0 and the other vocab - 1 entries a u with (vocab - 1) e^u = e^(-logp) - 1.
+    """
+    B, T = logp.shape
+    lp = logp.float().clamp(max=-1e-6)
+    u = torch.log(torch.expm1(-lp)) - math.log(vocab - 1)
+    ids = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(1)).to(logp.device)
+    logits = torch.zeros(B, T + 1, vocab, device=logp.device)
+    logits[:, :T] = u[..., None]
+    logits[:, :T].scatter_(-1, ids[..., None], 0.0)
+    return logits, ids
+
+
+def make_provider(name: str, x: dict, cfg, liger_vocab: int, interpreted: bool = False):
+    """A zero-argument callable returning the loss, or a string saying why it cannot run here.
+
+    interpreted: let Liger's Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (tests
+    check that each provider computes what ours does; never for timing).
+    """
     if name == "ours":
         from racro_fast.kernels import grpo_loss
 
@@ -74,20 +95,20 @@ def make_provider(name: str, x: dict, cfg, liger_vocab: int):
         f = grpo_loss_ref if name == "torch" else torch.compile(grpo_loss_ref, dynamic=False)
         return lambda: f(x["logp"], x["old_logp"], x["ref_logp"], x["advantages"], x["mask"], cfg)[0]
     if name == "liger":
-        if not x["logp"].is_cuda:
+        if not (x["logp"].is_cuda or interpreted):
             return "liger runs on CUDA only"
         try:
             from liger_kernel.ops.grpo_loss import GrpoLossFunction
         except ImportError as e:
             return f"liger-kernel not importable ({e})"
-        B, T = x["logp"].shape
-        logits = torch.randn(B, T + 1, liger_vocab, device=x["logp"].device, dtype=torch.bfloat16).requires_grad_()
-        ids = torch.randint(0, liger_vocab, (B, T), device=logits.device)
+        logits, ids = logits_with_logp(x["logp"].detach(), liger_vocab)
+        logits.requires_grad_()
         mask = x["mask"].to(torch.int32)
         old, ref = x["old_logp"].float().contiguous(), x["ref_logp"].float().contiguous()
-        # logits, old, ref, ids, adv, mask, temperature, beta, eps_low, eps_high, inplace
+        # logits, old, ref, ids, adv, mask, temperature, beta, eps_low, eps_high, inplace, loss_type;
+        # "bnpo" is Liger's token-mean (masked sum / masked count of this call).
         return lambda: GrpoLossFunction.apply(logits, old, ref, ids, x["advantages"], mask, 1.0, cfg.kl_coef,
-                                              cfg.clip_low, cfg.clip_high, False)[0]
+                                              cfg.clip_low, cfg.clip_high, False, "bnpo")[0]
     raise ValueError(f"unknown provider {name!r}")
 
 
@@ -125,7 +146,7 @@ def run_one(spec: dict) -> dict:
     except Exception as e:  # a provider that cannot run here is reported, not fatal
         return dict(out, ms=float("nan"), peak_mb=float("nan"), note=f"{type(e).__name__}: {str(e)[:160]}")
     if spec["provider"] == "liger":
-        out["note"] = f"input logits [B, T+1, {spec['liger_vocab']}] bf16, not log-probs"
+        out["note"] = f"input logits [B, T+1, {spec['liger_vocab']}] fp32, not log-probs"
     else:
         moved = bytes_moved(B, T, x["logp"].element_size(), mode)
         out["gbs"] = moved / out["ms"] / 1e6

@@ -6,7 +6,10 @@
 
 Providers: ours (kernels.logprob_from_logits: Triton on CUDA, the chunked reference on CPU),
 torch (log_softmax(logits.float()) + gather), compile (torch.compile of that), liger
-(LigerCrossEntropyLoss, sum reduction, which also writes dlogits in place; CUDA only).
+(LigerCrossEntropyLoss, sum reduction, which also writes dlogits in place; CUDA only), liger_sls
+(liger_kernel.ops.grpo_loss.fused_selective_log_softmax, Liger's no-grad log-probs for old and
+reference policies; nograd mode only, CUDA only; it reads logits [B, L+1, V] and scores the
+next token, so it gets the N rows as [1, N, V] and computes N - 1 of them).
 Modes: nograd (old / reference log-probs), forward (with autograd recording), backward (of a
 retained graph), full. The logits tensor is the input: its memory is not counted, the gradient
 that ours writes over it costs nothing. On CUDA the run also times a device-to-device copy of the
@@ -25,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import measure, run_benchmark  # noqa: E402
 
 KERNEL = "logprob_from_logits"
-PROVIDERS = ("ours", "torch", "compile", "liger")
+PROVIDERS = ("ours", "torch", "compile", "liger", "liger_sls")
 MODES = ("nograd", "forward", "backward", "full")
 GPU_SHAPES = [(4096, 151936), (16384, 151936), (4096, 152064), (16384, 152064)]
 CPU_SHAPES = [(2048, 32000)]
@@ -37,8 +40,12 @@ def eager_logprob(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(1, y[:, None]).squeeze(1)
 
 
-def make_provider(name: str, x, y):
-    """A one-argument callable (the logits) returning the output, or a reason it cannot run."""
+def make_provider(name: str, x, y, mode: str, interpreted: bool = False):
+    """A one-argument callable (the logits) returning the output, or a reason it cannot run.
+
+    interpreted: let Liger's Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (tests
+    check that each provider computes what ours does; never for timing).
+    """
     if name == "ours":
         from racro_fast.kernels import logprob_from_logits
 
@@ -48,13 +55,20 @@ def make_provider(name: str, x, y):
     if name == "compile":
         compiled = torch.compile(eager_logprob, dynamic=False)
         return lambda x: compiled(x, y)
-    if name == "liger":
-        if not x.is_cuda:
+    if name in ("liger", "liger_sls"):
+        if not (x.is_cuda or interpreted):
             return "liger runs on CUDA only"
+        if name == "liger_sls" and mode != "nograd":
+            return "liger_sls has no gradient: nograd mode only"
         try:
+            from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
             from liger_kernel.transformers import LigerCrossEntropyLoss
         except ImportError as e:
             return f"liger-kernel not importable ({e})"
+        if name == "liger_sls":
+            # Row t scores ids[t + 1]: rolling the targets by one makes row t score y[t].
+            ids = torch.roll(y, 1)[None]
+            return lambda x: fused_selective_log_softmax(x[None], ids, temperature=1.0)[0]
         loss_fn = LigerCrossEntropyLoss(reduction="sum")
         return lambda x: loss_fn(x, y)
     raise ValueError(f"unknown provider {name!r}")
@@ -79,7 +93,7 @@ def run_one(spec: dict) -> dict:
     out["bytes"] = {"nograd": read_bytes, "forward": read_bytes, "backward": 2 * read_bytes,
                     "full": 3 * read_bytes}[mode]
 
-    f = make_provider(spec["provider"], x, y)
+    f = make_provider(spec["provider"], x, y, mode)
     if isinstance(f, str):
         return dict(out, ms=float("nan"), peak_mb=float("nan"), note=f)
 

@@ -229,14 +229,14 @@ def run_benchmark(script: str, doc: str, run_one: Callable[[dict], dict], *, ker
                   derive: Callable[[dict], None], columns: list[str],
                   peak_text: Callable[[dict, dict], str],
                   extra_lines: Callable[[dict[str, dict]], list[str]] | None = None) -> None:
-    """Command line, rounds of measurements, table, ours/torch ratios and CSV of one kernel's benchmark.
+    """Command line, rounds of measurements, table, ours/other ratios and CSV of one kernel's benchmark.
 
     `script` is the benchmark's own path: CPU workers re-run it with --worker, which calls
     `run_one(spec)`. `dims` names the shape's dimensions, one letter each ("NDV": shapes
     NxDxV, spec keys N, D, V). Rounds interleave the providers and merge into medians; columns
     derived from medians (ratios, bandwidths) are recomputed from them by `derive(row)`.
-    The table shows the spec, ms and peak_mb, then `columns`; each (shape, mode) with ours and
-    torch gets a time ratio line ending in `peak_text(ours_row, torch_row)`, then the lines of
+    The table shows the spec, ms and peak_mb, then `columns`; each (shape, mode) gets, for every
+    other provider that ran, a time ratio line ending in `peak_text(ours_row, other_row)`, then the lines of
     `extra_lines({provider: row})`.
     """
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -297,11 +297,12 @@ def run_benchmark(script: str, doc: str, run_one: Callable[[dict], dict], *, ker
                 return tuple(r[d] for d in dims) + (r["mode"],) == tuple(dim_values) + (mode,)
 
             sel = {r["provider"]: r for r in rows if match(r)}
-            t_ratios = round_ratios(rounds, match, "ours", "torch")
-            if t_ratios:
-                o, t = sel["ours"], sel["torch"]
-                print(f"ours / torch ({mode}, {label(o)}): time {statistics.median(t_ratios):.2f}x "
-                      f"(per round: {' '.join(f'{x:.2f}' for x in t_ratios)}), peak memory {peak_text(o, t)}")
+            for other in sel:
+                t_ratios = round_ratios(rounds, match, "ours", other) if other != "ours" else []
+                if t_ratios:
+                    o, t = sel["ours"], sel[other]
+                    print(f"ours / {other} ({mode}, {label(o)}): time {statistics.median(t_ratios):.2f}x "
+                          f"(per round: {' '.join(f'{x:.2f}' for x in t_ratios)}), peak memory {peak_text(o, t)}")
             for line in extra_lines(sel) if extra_lines else ():
                 print(line)
     if not args.no_csv:
