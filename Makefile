@@ -1,6 +1,5 @@
 # CPU set-up, demo, tests and benchmarks. Every target installs what it needs first (idempotent).
 PY ?= python3
-export TRITON_INTERPRET ?= 1
 
 .PHONY: setup demo test bench clean
 
