@@ -236,8 +236,8 @@ def run_benchmark(script: str, doc: str, run_one: Callable[[dict], dict], *, ker
     NxDxV, spec keys N, D, V). Rounds interleave the providers and merge into medians; columns
     derived from medians (ratios, bandwidths) are recomputed from them by `derive(row)`.
     The table shows the spec, ms and peak_mb, then `columns`; each (shape, mode) gets, for every
-    other provider that ran, a time ratio line ending in `peak_text(ours_row, other_row)`, then the lines of
-    `extra_lines({provider: row})`.
+    other provider that ran, a time ratio line ending in `peak_text(ours_row, other_row)`, then
+    the lines of `extra_lines({provider: row})`.
     """
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     shape = "x".join(dims)
