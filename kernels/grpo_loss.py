@@ -122,6 +122,29 @@ def _kl(logp, ref, KL_TYPE: tl.constexpr):
 
 
 @triton.jit
+def _load_tokens(Logp_ptr, Old_ptr, Adv_ptr, Mask_ptr, row, offs, T, stride_logp_b, stride_logp_t,
+                 stride_old_b, stride_old_t, stride_adv_b, stride_adv_t, stride_mask_b, stride_mask_t,
+                 HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """in_row, mask, logp, old and adv (fp32) of one row's block of tokens `offs`.
+
+    Masked tokens are never read (padding may hold anything): they load as 0.
+    """
+    in_row = offs < T
+    m = (tl.load(Mask_ptr + row * stride_mask_b + offs * stride_mask_t, mask=in_row, other=0) != 0) & in_row
+    logp = tl.load(Logp_ptr + row * stride_logp_b + offs * stride_logp_t, mask=m, other=0.0).to(tl.float32)
+    if HAS_OLD:
+        old = tl.load(Old_ptr + row * stride_old_b + offs * stride_old_t, mask=m, other=0.0).to(tl.float32)
+    else:
+        old = logp
+    if ADV_PER_TOKEN:
+        adv = tl.load(Adv_ptr + row * stride_adv_b + offs * stride_adv_t, mask=m, other=0.0).to(tl.float32)
+    else:
+        # One load per row, broadcast in registers.
+        adv = tl.zeros([BLOCK_SIZE], dtype=tl.float32) + tl.load(Adv_ptr + row * stride_adv_b).to(tl.float32)
+    return in_row, m, logp, old, adv
+
+
+@triton.jit
 def _grpo_loss_fwd_kernel(
     Logp_ptr, Old_ptr, Ref_ptr, Adv_ptr, Mask_ptr, Ent_ptr, Part_ptr,
     B, T, NB,
@@ -134,19 +157,9 @@ def _grpo_loss_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     offs = blk * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    in_row = offs < T
-    m = (tl.load(Mask_ptr + row * stride_mask_b + offs * stride_mask_t, mask=in_row, other=0) != 0) & in_row
-    # Masked tokens are never read (padding may hold anything) and contribute 0.
-    logp = tl.load(Logp_ptr + row * stride_logp_b + offs * stride_logp_t, mask=m, other=0.0).to(tl.float32)
-    if HAS_OLD:
-        old = tl.load(Old_ptr + row * stride_old_b + offs * stride_old_t, mask=m, other=0.0).to(tl.float32)
-    else:
-        old = logp
-    if ADV_PER_TOKEN:
-        adv = tl.load(Adv_ptr + row * stride_adv_b + offs * stride_adv_t, mask=m, other=0.0).to(tl.float32)
-    else:
-        # One load per row, broadcast in registers.
-        adv = tl.zeros([BLOCK_SIZE], dtype=tl.float32) + tl.load(Adv_ptr + row * stride_adv_b).to(tl.float32)
+    in_row, m, logp, old, adv = _load_tokens(
+        Logp_ptr, Old_ptr, Adv_ptr, Mask_ptr, row, offs, T, stride_logp_b, stride_logp_t, stride_old_b, stride_old_t,
+        stride_adv_b, stride_adv_t, stride_mask_b, stride_mask_t, HAS_OLD, ADV_PER_TOKEN, BLOCK_SIZE)
 
     ratio, pg, clipped, _ = _ratio_pg(logp, old, adv, clip_lo, clip_hi, dual_c, DUAL_CLIP)
     token_loss = pg
@@ -261,23 +274,12 @@ def _grpo_loss_bwd_kernel(
     DUAL_CLIP: tl.constexpr, KL_TYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    offs = blk * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    in_row = offs < T
-    m = (tl.load(Mask_ptr + row * stride_mask_b + offs * stride_mask_t, mask=in_row, other=0) != 0) & in_row
+    offs = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    in_row, m, logp, old, adv = _load_tokens(
+        Logp_ptr, Old_ptr, Adv_ptr, Mask_ptr, row, offs, T, stride_logp_b, stride_logp_t, stride_old_b, stride_old_t,
+        stride_adv_b, stride_adv_t, stride_mask_b, stride_mask_t, HAS_OLD, ADV_PER_TOKEN, BLOCK_SIZE)
     # d loss / d l_bt = dL * u_b / D for every masked token of the row.
     w = tl.load(DLoss_ptr).to(tl.float32) * tl.load(U_ptr + row) * tl.load(Out_ptr + 8)
-
-    logp = tl.load(Logp_ptr + row * stride_logp_b + offs * stride_logp_t, mask=m, other=0.0).to(tl.float32)
-    if HAS_OLD:
-        old = tl.load(Old_ptr + row * stride_old_b + offs * stride_old_t, mask=m, other=0.0).to(tl.float32)
-    else:
-        old = logp
-    if ADV_PER_TOKEN:
-        adv = tl.load(Adv_ptr + row * stride_adv_b + offs * stride_adv_t, mask=m, other=0.0).to(tl.float32)
-    else:
-        # One load per row, broadcast in registers.
-        adv = tl.zeros([BLOCK_SIZE], dtype=tl.float32) + tl.load(Adv_ptr + row * stride_adv_b).to(tl.float32)
     _, _, _, g = _ratio_pg(logp, old, adv, clip_lo, clip_hi, dual_c, DUAL_CLIP)
     if HAS_KL_GRAD:
         ref = tl.load(Ref_ptr + row * stride_ref_b + offs * stride_ref_t, mask=m, other=0.0).to(tl.float32)

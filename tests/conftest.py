@@ -75,3 +75,18 @@ def tiny_reasoner_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_d
     out = tmp_path_factory.mktemp("tiny") / "reasoner"
     build_reasoner(out, AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir)), seed=0)
     return out
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, name: str) -> None:
+    """max |actual - expected| <= atol in fp64, with the worst and first bad index in the message."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, f"{name}: shape {list(actual.shape)} != {list(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values at {(~torch.isfinite(actual)).nonzero()[:5].tolist()}"
+    diff = (actual - expected).abs()
+    if diff.numel() and diff.max() > atol:
+        i = int(diff.flatten().argmax())
+        first = (diff > atol).nonzero()[0].tolist()
+        raise AssertionError(
+            f"{name}: max |diff| {diff.max():.3e} > atol {atol:.1e} (mean {diff.mean():.3e}); worst at flat "
+            f"index {i}: got {actual.flatten()[i]:.6g}, expected {expected.flatten()[i]:.6g}; first bad index {first}"
+        )

@@ -6,6 +6,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import pytest
 import torch
+from conftest import assert_close
 
 from racro_fast.kernels import logprob_from_logits
 from racro_fast.kernels.reference import logprob_from_logits_ref
@@ -13,20 +14,6 @@ from racro_fast.kernels.reference import logprob_from_logits_ref
 IGNORE = -100
 # (logp/entropy atol, dlogits tolerance relative to the largest entry)
 TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 1e-2), torch.float64: (1e-10, 1e-10)}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, name: str) -> None:
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, f"{name}: shape {list(actual.shape)} != {list(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values at {(~torch.isfinite(actual)).nonzero()[:5].tolist()}"
-    diff = (actual - expected).abs()
-    if diff.numel() and diff.max() > atol:
-        i = int(diff.flatten().argmax())
-        first = (diff > atol).nonzero()[0].tolist()
-        raise AssertionError(
-            f"{name}: max |diff| {diff.max():.3e} > atol {atol:.1e} (mean {diff.mean():.3e}); worst at flat "
-            f"index {i}: got {actual.flatten()[i]:.6g}, expected {expected.flatten()[i]:.6g}; first bad index {first}"
-        )
 
 
 def make_inputs(N, V, dtype, scale=3.0, seed=0, n_ignored=1):
