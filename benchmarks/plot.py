@@ -16,10 +16,7 @@ import math
 import os
 import re
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from racro_fast.plots import grouped_bars
 
 SHAPE_KEYS = ("N", "D", "V")
 
@@ -46,26 +43,13 @@ def plot_kernel(rows: list[dict], title: str, out_png: str) -> None:
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     groups = list(dict.fromkeys((r["shape"], r["mode"], r.get("dtype", "")) for r in rows))
     by_key = {(r["shape"], r["mode"], r.get("dtype", ""), r["provider"]): r for r in rows}
-    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.2 * len(groups) * max(1, len(providers)) / 2), 7))
-    width = 0.8 / max(1, len(providers))
-    for ax, metric, label in ((axes[0], "ms", "time (ms)"), (axes[1], "peak_mb", "peak memory (MiB)")):
-        for k, provider in enumerate(providers):
-            xs, ys = [], []
-            for i, grp in enumerate(groups):
-                r = by_key.get((*grp, provider))
-                if r is not None:
-                    xs.append(i + (k - (len(providers) - 1) / 2) * width)
-                    ys.append(_float(r.get(metric)))
-            ax.bar(xs, ys, width=width, label=provider)
-        ax.set_ylabel(label)
-        ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{s}\n{m} {d}" for s, m, d in groups], fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend()
-    axes[0].set_title(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
+
+    def series(metric: str) -> dict[str, list[float]]:
+        return {p: [_float(by_key[(*g, p)].get(metric)) if (*g, p) in by_key else float("nan") for g in groups]
+                for p in providers}
+
+    grouped_bars(out_png, [f"{s}\n{m} {d}" for s, m, d in groups],
+                 [("time (ms)", series("ms")), ("peak memory (MiB)", series("peak_mb"))], title=title)
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import GRPO_KL_TYPES, GRPO_LOSS_AGGS, GRPO_METRICS, grpo_loss_ref
+from .reference import GRPO_KL_TYPES, GRPO_LOSS_AGGS, GRPO_METRICS, KLType, LossAgg, grpo_loss_ref
 from .utils import check_backend, row_launch_settings
 
 __all__ = ["GRPOLossConfig", "grpo_loss", "grpo_advantages"]
@@ -43,32 +43,35 @@ __all__ = ["GRPOLossConfig", "grpo_loss", "grpo_advantages"]
 
 @dataclass
 class GRPOLossConfig:
+    """The loss settings, validated here once: the run config holds one as its `loss` section."""
     clip_low: float = 0.2             # eps_low: r is clipped below at 1 - clip_low
     clip_high: float = 0.2            # eps_high: r is clipped above at 1 + clip_high (DAPO raises it)
     dual_clip: float | None = None    # c > 1 bounds the loss of A < 0 tokens at -A c (None: off)
     kl_coef: float = 0.0              # beta; RACRO uses 0.001 with k3
-    kl_type: str = "k3"               # "k1" | "k2" | "k3" (k3 = low_var_kl)
+    kl_type: KLType = "k3"            # k3 = low_var_kl
     entropy_coef: float = 0.0         # alpha; the bonus enters the loss as -alpha * entropy
-    loss_agg: str = "token-mean"      # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    loss_agg: LossAgg = "token-mean"
     norm_len: int | None = None       # L of seq-mean-token-sum-norm (Dr. GRPO); None: the T of the call
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.clip_low) and 0.0 <= self.clip_low < 1.0):
-            raise ValueError(f"clip_low must be in [0, 1), got {self.clip_low}")
-        if not (math.isfinite(self.clip_high) and self.clip_high >= 0.0):
-            raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
-        if self.dual_clip is not None and not (math.isfinite(self.dual_clip) and self.dual_clip > 1.0):
-            raise ValueError(f"dual_clip must be None or > 1, got {self.dual_clip}")
-        if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0.0):
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
-        if self.kl_type not in GRPO_KL_TYPES:
-            raise ValueError(f"kl_type must be one of {GRPO_KL_TYPES}, got {self.kl_type!r}")
-        if not math.isfinite(self.entropy_coef):
-            raise ValueError(f"entropy_coef must be finite, got {self.entropy_coef}")
-        if self.loss_agg not in GRPO_LOSS_AGGS:
-            raise ValueError(f"loss_agg must be one of {GRPO_LOSS_AGGS}, got {self.loss_agg!r}")
-        if self.norm_len is not None and not (isinstance(self.norm_len, int) and self.norm_len > 0):
-            raise ValueError(f"norm_len must be None or a positive int, got {self.norm_len!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError("<field>: <what is wrong>") for the first bad field."""
+        def need(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}: {msg}, got {getattr(self, name)!r}")
+
+        need(math.isfinite(self.clip_low) and 0.0 <= self.clip_low < 1.0, "clip_low", "must be in [0, 1)")
+        need(math.isfinite(self.clip_high) and self.clip_high >= 0.0, "clip_high", "must be >= 0")
+        need(self.dual_clip is None or (math.isfinite(self.dual_clip) and self.dual_clip > 1.0), "dual_clip",
+             "must be None (off) or > 1")
+        need(math.isfinite(self.kl_coef) and self.kl_coef >= 0.0, "kl_coef", "must be >= 0")
+        need(self.kl_type in GRPO_KL_TYPES, "kl_type", f"must be one of {GRPO_KL_TYPES}")
+        need(math.isfinite(self.entropy_coef), "entropy_coef", "must be finite")
+        need(self.loss_agg in GRPO_LOSS_AGGS, "loss_agg", f"must be one of {GRPO_LOSS_AGGS}")
+        need(self.norm_len is None or (isinstance(self.norm_len, int) and self.norm_len > 0), "norm_len",
+             "must be None or a positive int")
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ the ground truth the Triton kernels are tested against.
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
@@ -288,8 +290,10 @@ def logprob_from_logits_ref(
 # GRPO loss
 # --------------------------------------------------------------------------------------------
 
-GRPO_LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-GRPO_KL_TYPES = ("k1", "k2", "k3")
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+KLType = Literal["k1", "k2", "k3"]
+GRPO_LOSS_AGGS = get_args(LossAgg)
+GRPO_KL_TYPES = get_args(KLType)
 # Clamps shared with the Triton kernel: log-ratio and k3 input to +-20, k3 output to +-10.
 GRPO_LOG_RATIO_CLAMP = 20.0
 GRPO_K3_INPUT_CLAMP = 20.0

@@ -1,10 +1,15 @@
-"""`racro-fast train | eval | bench | profile | synth`
+"""`racro-fast train | demo | eval | bench | profile | synth`
 
-    racro-fast train --config configs/demo_cpu.yaml [section.field=value ...]
+    racro-fast train --config configs/qwen25vl_7b_r1_7b.yaml [section.field=value ...]
+    racro-fast demo [section.field=value ...]        # tiny models built on CPU, then train (demo.py)
     racro-fast eval --captioner runs/demo/export --reasoner PATH --data FILE ...
     racro-fast bench [fused_linear_logprob|logprob_from_logits|grpo_loss] [-- script args]
-    racro-fast profile --config configs/demo_cpu.yaml --steps 3      # torch.profiler trace of a few steps
+    racro-fast profile --config configs/qwen25vl_7b_r1_7b.yaml --steps 3   # torch.profiler trace of a few steps
     racro-fast synth --out data/count.parquet --n 1000 --task count
+
+A mistake in the input (a config value, a missing data file or model path) is one line,
+`racro-fast: error: <field>: <what is wrong>`, and exit status 2; `--debug` anywhere on the
+command line shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -35,15 +40,17 @@ def _profile(argv: list[str]) -> int:
     import torch
 
     from racro_fast.config import load_config
+    from racro_fast.demo import demo_config
     from racro_fast.train import train
 
     p = argparse.ArgumentParser(prog="racro-fast profile")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", help="run config; without it, the CPU demo")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, [*args.overrides, f"train.steps={args.steps}", "run.save_every=0",
-                                    "run.export=false", "run.resume=none"])
+    overrides = [*args.overrides, f"train.steps={args.steps}", "run.save_every=0", "run.export=false",
+                 "run.resume=none"]
+    cfg = load_config(args.config, overrides) if args.config else demo_config(None, overrides)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -59,8 +66,28 @@ def _profile(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_main(fn, argv: list[str] | None = None) -> int:
+    """Run an entry point; a user's mistake (ConfigError) is one line and exit status 2.
+
+    `--debug` anywhere in argv is taken out and lets the traceback through instead."""
+    from racro_fast.config import ConfigError
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return fn(argv)
+    except ConfigError as e:
+        if debug:
+            raise
+        print(f"racro-fast: error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_dispatch, argv)
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
@@ -68,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "train":
         from racro_fast.train import main as train_main
         return train_main(rest)
+    if cmd == "demo":
+        from racro_fast.demo import main as demo_main
+        return demo_main(rest)
     if cmd == "eval":
         from racro_fast.evaluate import main as eval_main
         return eval_main(rest)

@@ -4,16 +4,22 @@
     cfg = load_config("configs/demo_cpu.yaml", ["train.lr=1e-4", "run.output_dir=runs/x"])
 
 Every value is checked at start-up: an unknown key, a value of the wrong type or an impossible
-combination raises `ConfigError` naming the field (`train.mini_batch: ...`).
+combination raises `ConfigError` naming the field (`train.mini_batch: ...`). A field with a fixed
+set of values is a `Literal`; the loss settings are the kernels' own `GRPOLossConfig` (the `loss`
+section), validated there.
 """
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
+
+from racro_fast.kernels import GRPOLossConfig
 
 
 class ConfigError(ValueError):
@@ -22,10 +28,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    captioner: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # path or hub id; "tiny" builds the CPU demo model
-    reasoner: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"  # frozen, text only; "tiny" as above
-    dtype: str = "bfloat16"  # parameter dtype: bfloat16 | float32 (fp32 reductions either way)
-    attn_impl: str = "auto"  # auto: flash_attention_2 on GPU when installed, else sdpa
+    captioner: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # path or hub id (`racro-fast demo` builds a tiny one)
+    reasoner: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"  # frozen, text only
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # parameter dtype (fp32 reductions either way)
+    attn_impl: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: FA2 on GPU when installed
     gradient_checkpointing: bool = True
     liger: bool = True  # Liger-Kernel RMSNorm/SwiGLU/RoPE patches, on GPU when installed
     freeze_vision: bool = False  # train the language model only
@@ -36,8 +42,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)  # parquet / jsonl / folders
-    format: str = "auto"  # auto | parquet | jsonl
-    synth_task: str = ""  # "count" | "grid" | "bars" | "arith": generate rows instead of reading files
+    format: Literal["auto", "parquet", "jsonl"] = "auto"
+    synth_task: Literal["", "count", "grid", "bars", "arith"] = ""  # generate rows instead of reading files
     synth_rows: int = 2048
     image_size: int = 56  # synthetic image side in pixels
     max_prompt_len: int = 8192  # longer captioner prompts are skipped and counted
@@ -46,7 +52,14 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "vllm"  # vllm | hf (transformers generate; the CPU path)
+    engine: Literal["vllm", "hf"] = "vllm"  # the captioner's: in-process vLLM, or transformers generate (CPU)
+    # the reasoner's: "server" = vLLM's OpenAI-compatible server, one per node, started by the trainer
+    # (or rollout.reasoner_url); "hf" = transformers generate in the trainer process (CPU)
+    reasoner_engine: Literal["server", "hf"] = "server"
+    reasoner_url: str = ""  # an already-running reasoner service (e.g. http://host:8000); no sleep calls
+    reasoner_port: int = 8765  # of the server the trainer starts on each node
+    reasoner_timeout: float = 600.0  # seconds for one reasoner request before the step fails
+    reasoner_start_timeout: float = 1800.0  # seconds for the server to load the reasoner
     group_size: int = 4  # G captions per question (paper: 4)
     temperature: float = 1.0  # captioner sampling temperature; the loss uses the same one
     top_p: float = 1.0
@@ -58,9 +71,12 @@ class RolloutConfig:
     reward: str = "boxed_math"  # key of rewards.REWARD_FUNCS
     reward_timeout: float = 5.0  # seconds per grading call; a timeout scores 0
     reward_workers: int = 2
-    captioner_gpu_fraction: float = 0.3  # vLLM gpu_memory_utilization of each engine
+    # vLLM gpu_memory_utilization of each engine while it is awake; the two never are at once (sleep
+    # mode), so each only has to fit beside the trainer's resident state (parallel.memory_plan)
+    captioner_gpu_fraction: float = 0.3
     reasoner_gpu_fraction: float = 0.3
-    reasoner_tp: int = 1  # tensor-parallel size of the reasoner engine
+    reasoner_tp: int = 1  # tensor-parallel size of each reasoner replica (32B: 4)
+    reasoner_dp: int = 0  # reasoner replicas per node; 0 = the node's GPUs / reasoner_tp
     max_model_len: int = 16384
 
 
@@ -75,15 +91,8 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     warmup_steps: int = 0
-    lr_schedule: str = "constant"  # constant | cosine
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: float = 1.0
-    clip_low: float = 0.2  # PPO eps_low
-    clip_high: float = 0.2  # PPO eps_high
-    dual_clip: float = 0.0  # c > 1 turns dual-clip on for negative advantages; 0 = off
-    kl_coef: float = 0.001  # KL to the reference as a loss term (paper: 0.001, low_var_kl)
-    kl_type: str = "k3"  # k1 | k2 | k3
-    entropy_coef: float = 0.0
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
     scale_adv_by_std: bool = True  # False: Dr. GRPO advantages
     seed: int = 0
 
@@ -98,15 +107,14 @@ class RunConfig:
     progress: bool = True  # progress bar
     tensorboard: bool = False
     wandb_project: str = ""  # empty: W&B off
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass
 class DistConfig:
-    backend: str = "fsdp2"  # fsdp2 | deepspeed; used only under torchrun with world size > 1
+    backend: Literal["fsdp2", "deepspeed"] = "fsdp2"  # used only under torchrun with world size > 1
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     offload_optimizer: bool = True  # optimizer state to pinned CPU memory while engines generate
-    offload_params: bool = False
     weight_bucket_mb: int = 512  # size of the buckets gathered and pushed to the captioner engine
 
 
@@ -116,6 +124,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # the paper's loss: clip 0.2/0.2, k3 (low_var_kl) KL to the reference as a loss term with
+    # coefficient 0.001 (0 drops the reference model), token-mean; loss.norm_len defaults to
+    # rollout.max_caption_tokens
+    loss: GRPOLossConfig = field(default_factory=lambda: GRPOLossConfig(kl_coef=0.001))
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
@@ -123,23 +135,19 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {
-    "model.dtype": ("bfloat16", "float32"),
-    "model.attn_impl": ("auto", "sdpa", "eager", "flash_attention_2"),
-    "data.format": ("auto", "parquet", "jsonl"),
-    "data.synth_task": ("", "count", "grid", "bars", "arith"),
-    "rollout.engine": ("vllm", "hf"),
-    "train.lr_schedule": ("constant", "cosine"),
-    "train.kl_type": ("k1", "k2", "k3"),
-    "train.loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
-    "run.device": ("auto", "cpu", "cuda"),
-    "dist.backend": ("fsdp2", "deepspeed"),
-}
-
-
 def _coerce(name: str, value, typ):
     """Turn a YAML value or a command-line string into `typ`, or raise naming the field."""
     origin = typing.get_origin(typ)
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        if value not in choices:
+            raise ConfigError(f"{name}: {value!r} is not one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(typ):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        (inner,) = [t for t in typing.get_args(typ) if t is not type(None)]
+        return _coerce(name, value, inner)
     if origin is list:
         (item,) = typing.get_args(typ)
         if isinstance(value, str):
@@ -198,10 +206,6 @@ def _set(cfg: Config, dotted: str, value) -> None:
 
 def validate(cfg: Config) -> Config:
     """Reject impossible values and combinations at start-up, naming the field."""
-    for dotted, choices in _CHOICES.items():
-        sec, key = dotted.split(".")
-        if getattr(getattr(cfg, sec), key) not in choices:
-            raise ConfigError(f"{dotted}: {getattr(getattr(cfg, sec), key)!r} is not one of {choices}")
     t, r, d, m = cfg.train, cfg.rollout, cfg.data, cfg.model
 
     def need(ok: bool, name: str, msg: str) -> None:
@@ -218,10 +222,15 @@ def validate(cfg: Config) -> Config:
     need(r.max_reasoner_tokens >= 1, "rollout.max_reasoner_tokens", "must be >= 1")
     need(r.reward_timeout > 0, "rollout.reward_timeout", "must be > 0")
     need(r.reward_workers >= 1, "rollout.reward_workers", "must be >= 1")
+    need(r.reasoner_timeout > 0, "rollout.reasoner_timeout", "must be > 0")
+    need(r.reasoner_start_timeout > 0, "rollout.reasoner_start_timeout", "must be > 0")
+    need(r.reasoner_tp >= 1, "rollout.reasoner_tp", "must be >= 1")
+    need(r.reasoner_dp >= 0, "rollout.reasoner_dp", "must be >= 0 (0: the node's GPUs / rollout.reasoner_tp)")
+    need(0 < r.reasoner_port < 65536, "rollout.reasoner_port", "must be a TCP port")
+    need(not r.reasoner_url or r.reasoner_url.startswith(("http://", "https://")), "rollout.reasoner_url",
+         f"expected http://host:port, got {r.reasoner_url!r}")
     for name in ("captioner_gpu_fraction", "reasoner_gpu_fraction"):
         need(0 < getattr(r, name) < 1, f"rollout.{name}", "must be in (0, 1)")
-    need(r.captioner_gpu_fraction + r.reasoner_gpu_fraction < 0.95, "rollout.reasoner_gpu_fraction",
-         "the two engines' GPU fractions leave no room for training (sum must be < 0.95)")
     need(t.steps >= 1, "train.steps", "must be >= 1")
     need(t.questions_per_step >= 1, "train.questions_per_step", "must be >= 1")
     need(1 <= t.mini_batch <= t.questions_per_step, "train.mini_batch", "must be in [1, questions_per_step]")
@@ -234,11 +243,15 @@ def validate(cfg: Config) -> Config:
     need(0 <= t.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
     need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     need(t.grad_clip > 0, "train.grad_clip", "must be > 0")
-    need(0 <= t.clip_low < 1, "train.clip_low", "must be in [0, 1)")
-    need(t.clip_high >= 0, "train.clip_high", "must be >= 0")
-    need(t.dual_clip == 0 or t.dual_clip > 1, "train.dual_clip", "must be 0 (off) or > 1")
-    need(t.kl_coef >= 0, "train.kl_coef", "must be >= 0")
-    need(t.entropy_coef >= 0, "train.entropy_coef", "must be >= 0")
+    if cfg.loss.norm_len is None:
+        cfg.loss.norm_len = r.max_caption_tokens
+    try:
+        cfg.loss.validate()
+    except ValueError as e:
+        raise ConfigError(f"loss.{e}") from None
+    need(cfg.loss.entropy_coef >= 0, "loss.entropy_coef", "must be >= 0")
+    from racro_fast.rewards import REWARD_FUNCS
+    need(r.reward in REWARD_FUNCS, "rollout.reward", f"{r.reward!r} is not one of {sorted(REWARD_FUNCS)}")
     need(bool(d.train_files) != bool(d.synth_task), "data.train_files",
          "give either data.train_files or data.synth_task (exactly one)")
     need(d.synth_rows >= 1, "data.synth_rows", "must be >= 1")
@@ -248,10 +261,18 @@ def validate(cfg: Config) -> Config:
     need(cfg.run.save_every >= 0, "run.save_every", "must be >= 0")
     need(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
     need(cfg.dist.weight_bucket_mb >= 1, "dist.weight_bucket_mb", "must be >= 1")
-    if (m.captioner == "tiny") != (m.reasoner == "tiny"):
-        raise ConfigError("model.reasoner: the tiny demo captioner and reasoner share a tokenizer: "
-                          "set both model.captioner and model.reasoner to 'tiny', or neither")
     return cfg
+
+
+def check_world(cfg: Config, world_size: int) -> None:
+    """What depends on the number of ranks, checked before any model loads: a group of captions
+    never spans ranks, so questions per step and per mini-batch must divide over them."""
+    t = cfg.train
+    if t.questions_per_step % world_size:
+        raise ConfigError(f"train.questions_per_step: {t.questions_per_step} does not divide over {world_size} ranks")
+    if t.mini_batch % world_size:
+        raise ConfigError(f"train.mini_batch: {t.mini_batch} questions do not divide over {world_size} ranks "
+                          "(a group of captions never spans ranks)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -272,3 +293,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = item.split("=", 1)
         _set(cfg, key.strip(), value.strip())
     return validate(cfg)
+
+
+def check_paths(cfg: Config) -> None:
+    """Files the run reads, checked before any model loads, each named by its field."""
+    for f in cfg.data.train_files:
+        if not Path(f).exists():
+            raise ConfigError(f"data.train_files: {f} does not exist")
+    for name in ("captioner", "reasoner"):
+        path = getattr(cfg.model, name)
+        # a hub id is "org/name"; anything else must be a local checkpoint folder
+        looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/")) and not Path(path).exists()
+        if not looks_like_hub_id and not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"model.{name}: {path} is not a checkpoint folder (no config.json) nor a hub id")
+    r = cfg.rollout
+    if r.reasoner_engine == "server" and not r.reasoner_url:
+        import importlib.util
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError("rollout.reasoner_engine: 'server' starts vLLM's server, and vllm is not installed "
+                              "(pip install -e '.[gpu]'); or set rollout.reasoner_url, or rollout.reasoner_engine=hf")
+    if cfg.dist.backend == "deepspeed" and not Path(cfg.dist.deepspeed_config).is_file():
+        raise ConfigError(f"dist.deepspeed_config: {cfg.dist.deepspeed_config} does not exist")

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import random
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterator
@@ -51,10 +52,43 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-class _BadRow(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
+# Skip reasons, shared with the evaluation loaders (eval_data.py): what `skipped` counts rows under.
+BAD_IMAGE = "bad_image"
+MISSING_IMAGE = "missing_image"
+MISSING_FIELD = "missing_field"
+
+
+class BadRow(Exception):
+    """A row that cannot be used: counted under `reason`; the message says why."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail or reason)
         self.reason = reason
+
+
+def decode_image(value, root: Path | None = None) -> Image.Image:
+    """One image as RGB, fully decoded (so a truncated file fails here, not in a step later).
+
+    `value`: encoded bytes, a PIL image, a path (relative to `root`), or a {"bytes", "path"}
+    struct (Hugging Face datasets; bytes win). Raises BadRow(BAD_IMAGE or MISSING_IMAGE).
+    """
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, str) and value:
+            path = Path(value) if os.path.isabs(value) or root is None else root / value
+            if not path.is_file():
+                raise BadRow(MISSING_IMAGE, f"no image file {path}")
+            image = Image.open(path)
+        else:
+            raise BadRow(BAD_IMAGE, f"unusable image value of type {type(value).__name__}")
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadRow(BAD_IMAGE, f"{type(e).__name__}: {e}") from None
 
 
 @dataclass
@@ -139,7 +173,7 @@ class RowDataset:
         source, local = self._sources[k], i - self._offsets[k]
         try:
             return self._row(source, local)
-        except _BadRow as e:
+        except BadRow as e:
             self._bad[i] = e.reason
             self.skip(e.reason, f"{source.path}:{local}: {e}")
             return None
@@ -172,10 +206,10 @@ class RowDataset:
         keys = source.keys
         problem = rec.get(keys["problem"])
         if not isinstance(problem, str) or not problem.strip():
-            raise _BadRow("missing_field", f"no {keys['problem']!r} text")
+            raise BadRow(MISSING_FIELD, f"no {keys['problem']!r} text")
         answer = _clean_answer(rec.get(keys["answer"]))
         if not answer:
-            raise _BadRow("missing_field", f"no {keys['answer']!r}")
+            raise BadRow(MISSING_FIELD, f"no {keys['answer']!r}")
         options = rec.get(keys["options"]) if keys["options"] else None
         if options is not None:
             options = [str(o) for o in options] if isinstance(options, (list, tuple)) else None
@@ -192,26 +226,10 @@ class RowDataset:
         )
 
     def _image(self, value, root: Path) -> Image.Image:
-        if isinstance(value, dict):  # HF datasets Image struct: bytes win, path is informative
-            value = value.get("bytes") or value.get("path")
-        try:
-            if isinstance(value, Image.Image):
-                image = value
-            elif isinstance(value, (bytes, bytearray)):
-                image = Image.open(io.BytesIO(value))
-            elif isinstance(value, str) and value:
-                path = Path(value) if os.path.isabs(value) else root / value
-                if not path.is_file():
-                    raise _BadRow("missing_image", f"no image file {path}")
-                image = Image.open(path)
-            else:
-                raise _BadRow("bad_image", f"unusable image value of type {type(value).__name__}")
-            image = image.convert("RGB")  # forces the full decode, so truncated files fail here
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise _BadRow("bad_image", f"{type(e).__name__}: {e}") from None
+        image = decode_image(value, root)
         w, h = image.size
         if max(w, h) / max(1, min(w, h)) > MAX_ASPECT:
-            raise _BadRow("aspect_ratio", f"image of {w}x{h}")
+            raise BadRow("aspect_ratio", f"image of {w}x{h}")
         return resize_to_bounds(image, self.min_pixels, self.max_pixels)
 
 
@@ -287,3 +305,34 @@ def _pick(
     if found is None and required:
         raise ValueError(f"{name}: none of {list(candidates)} in {path} (columns: {columns}); pass {name}=")
     return found
+
+
+class RowStream:
+    """Endless, seeded, resumable order over the dataset's rows: (epoch, index) is its whole state."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool, shard: int = 0, num_shards: int = 1):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.shard, self.num_shards = shard, num_shards
+        self.epoch, self.index = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        order = list(range(self.n))
+        if self.shuffle:
+            random.Random(self.seed * 1000 + self.epoch).shuffle(order)
+        return order[self.shard::self.num_shards]
+
+    def next(self) -> int:
+        if self.index >= len(self._order):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._make_order()
+        i = self._order[self.index]
+        self.index += 1
+        return i
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._make_order()

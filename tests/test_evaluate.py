@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from racro_fast import engines, evaluate as ev
-from racro_fast.bench_data import BenchItem, bench_reward, load_benchmark
+from racro_fast.eval_data import BenchItem, load_benchmark
+from racro_fast.rewards import eval_reward
 
 # The paper's texts (DESIGN.md), written out here rather than imported, so that a change to
 # the templates shows up as a failure.
@@ -162,7 +163,7 @@ def test_three_modes_two_reasoners(tmp_path, monkeypatch, tiny_captioner_dir, ti
     assert result["columns"] == cols
     assert set(result["accuracy"]) == {"MathVista", "DynaMath"}
     assert result["n"] == {"MathVista": {c: 3 for c in cols}, "DynaMath": {c: 2 for c in cols}}
-    assert result["skipped"] == {"MathVista": {"undecodable image": 1, "unreadable answer": 1}, "DynaMath": {}}
+    assert result["skipped"] == {"MathVista": {"bad_image": 1, "bad_answer": 1}, "DynaMath": {}}
     assert list(result["files_skipped"]) == [str(data[2])]
 
     # One captioner pass (a caption and an answer per item), then the reasoners one at a time,
@@ -201,7 +202,7 @@ def test_three_modes_two_reasoners(tmp_path, monkeypatch, tiny_captioner_dir, ti
         assert r["extracted"] == ev.extract_boxed(text)
         it = items[key]
         assert r["gold"] == (it.letter or it.answer)
-        assert r["verdict"] == (bench_reward(r["extracted"] or "", it.grading_spec()) == 1.0)
+        assert r["verdict"] == (eval_reward(r["extracted"] or "", it.grading_spec()) == 1.0)
         # The prompt the reasoner was given is the paper's text around this item's caption.
         if r["mode"] == "caption" and key in questions:
             want = REASONER.format(caption=r["caption"].strip(), question=questions[key])
@@ -215,7 +216,7 @@ def test_three_modes_two_reasoners(tmp_path, monkeypatch, tiny_captioner_dir, ti
 
     md = (out / "accuracy.md").read_text()
     assert md.splitlines()[0] == "| Benchmark | items | " + " | ".join(cols) + " |"
-    assert "MathVista: 2 skipped (undecodable image: 1, unreadable answer: 1)" in md
+    assert "MathVista: 2 skipped (bad_answer: 1, bad_image: 1)" in md
     assert "other.jsonl: file not evaluated" in md
     assert "| Average |" in md
     csv_rows = (out / "accuracy.csv").read_text().splitlines()

@@ -96,7 +96,7 @@ def test_grade_matches_letters_to_option_text():
 
 
 def test_reward_functions():
-    assert set(REWARD_FUNCS) == {"boxed_math", "boxed_choice"}
+    assert set(REWARD_FUNCS) == {"boxed_math", "boxed_choice", "eval_reward"}
     assert boxed_math("... so the answer is \\boxed{\\frac{1}{2}}.", "0.5") == 1.0
     assert boxed_math("the answer is 0.5", "0.5") == 0.0, "no box, no reward"
     assert boxed_math("\\boxed{0.4}", "\\boxed{0.5}") == 0.0

@@ -12,8 +12,8 @@ from PIL import Image
 
 from racro_fast.config import load_config
 from racro_fast.synth import make_rows
+from racro_fast.parallel import Single
 from racro_fast.train import Sample, cut_at_vision_tokens, policy_update, train
-from racro_fast.kernels import GRPOLossConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,9 +22,9 @@ def tiny_cfg(out: Path, cap: Path, rsn: Path, steps: int, *extra: str):
     return load_config(ROOT / "configs" / "demo_cpu.yaml", [
         f"model.captioner={cap}", f"model.reasoner={rsn}", f"run.output_dir={out}", f"train.steps={steps}",
         "train.questions_per_step=2", "train.mini_batch=1", "train.micro_batch=4", "rollout.group_size=2",
-        "train.entropy_coef=0.01",  # random models earn no reward: the entropy term makes the step move weights
+        "loss.entropy_coef=0.01",  # random models earn no reward: the entropy term makes the step move weights
         "rollout.max_caption_tokens=6", "rollout.max_reasoner_tokens=6", "data.synth_rows=16",
-        "run.progress=false", "train.kl_coef=0.001", "run.export=false", *extra])
+        "run.progress=false", "loss.kl_coef=0.001", "run.export=false", *extra])
 
 
 def final_weights(out: Path) -> dict:
@@ -62,7 +62,7 @@ def test_corrupt_rows_are_skipped_and_counted(tmp_path, tiny_captioner_dir, tiny
     path = tmp_path / "rows.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     cfg = tiny_cfg(tmp_path / "run", tiny_captioner_dir, tiny_reasoner_dir, 3,
-                   f"data.train_files={path}", "data.synth_task=", "train.kl_coef=0")
+                   f"data.train_files={path}", "data.synth_task=", "loss.kl_coef=0")
     result = train(cfg)
     assert result["skipped"].get("bad_image") == 2, result["skipped"]
     assert len(result["history"]) == 3
@@ -76,7 +76,7 @@ def test_overlong_prompts_are_skipped(tmp_path, tiny_captioner_dir, tiny_reasone
     path = tmp_path / "rows.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     cfg = tiny_cfg(tmp_path / "run", tiny_captioner_dir, tiny_reasoner_dir, 2,
-                   f"data.train_files={path}", "data.synth_task=", "train.kl_coef=0", "data.max_prompt_len=200")
+                   f"data.train_files={path}", "data.synth_task=", "loss.kl_coef=0", "data.max_prompt_len=200")
     result = train(cfg)
     assert result["skipped"].get("too_long", 0) >= 1, result["skipped"]
 
@@ -99,12 +99,12 @@ def _model_and_samples(tiny_captioner_dir, adv: list[float], empty_first: bool =
 
 
 def test_non_finite_loss_skips_the_step(tiny_captioner_dir):
-    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", ["train.micro_batch=2"])
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", ["train.micro_batch=2", "loss.kl_coef=0"])
     model, tok, samples = _model_and_samples(tiny_captioner_dir, [1.0, float("nan"), -1.0])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     with pytest.warns(UserWarning, match="non-finite"):
-        out = policy_update(model, opt, samples, cfg, GRPOLossConfig(), tok.pad_token_id, torch.device("cpu"))
+        out = policy_update(Single(cfg), model, opt, samples, cfg, tok.pad_token_id, torch.device("cpu"))
     assert out["skipped"] == 1.0
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert not changed, f"a skipped step changed weights: {changed[:3]}"
@@ -112,11 +112,11 @@ def test_non_finite_loss_skips_the_step(tiny_captioner_dir):
 
 def test_update_with_an_empty_caption(tiny_captioner_dir):
     """A caption of zero tokens (EOS cut, or cut at a vision token) trains without NaN."""
-    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", ["train.micro_batch=4"])
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", ["train.micro_batch=4", "loss.kl_coef=0"])
     model, tok, samples = _model_and_samples(tiny_captioner_dir, [1.0, -1.0, 0.5], empty_first=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    out = policy_update(model, opt, samples, cfg, GRPOLossConfig(), tok.pad_token_id, torch.device("cpu"))
+    out = policy_update(Single(cfg), model, opt, samples, cfg, tok.pad_token_id, torch.device("cpu"))
     assert out["skipped"] == 0.0 and math.isfinite(out["loss"]), out
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
 

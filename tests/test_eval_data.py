@@ -12,9 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from racro_fast.bench_data import (
+from racro_fast.eval_data import (
     BAD_ANSWER,
-    bench_reward,
     BAD_IMAGE,
     MISSING_IMAGE,
     LayoutError,
@@ -22,6 +21,7 @@ from racro_fast.bench_data import (
     load_benchmark,
     parse_inline_choices,
 )
+from racro_fast.rewards import eval_reward
 
 
 def png(color: str = "red", size: int = 20) -> bytes:
@@ -243,6 +243,6 @@ def spec(golds: list[str], options: list[str] | None = None, alternatives: list[
     ("3/2", ["1.5"], None, ["3/2"], 1.0),
     ("", ["1"], None, None, 0.0),
 ])
-def test_bench_reward(pred, golds, options, alternatives, want) -> None:
-    got = bench_reward(pred, spec(golds, options, alternatives))
+def test_eval_reward(pred, golds, options, alternatives, want) -> None:
+    got = eval_reward(pred, spec(golds, options, alternatives))
     assert got == want, f"pred {pred!r} against golds {golds} (options {options}): got {got}, want {want}"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import ast
 import base64
 import binascii
-import io
 import json
 import re
 from collections import Counter
@@ -27,12 +26,12 @@ from typing import Any, Callable, Iterator
 
 from PIL import Image
 
+from racro_fast.data import BAD_IMAGE, MISSING_IMAGE, BadRow, decode_image
+
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
-# Skip reasons, as counted in the accuracy table's footer.
-MISSING_IMAGE = "missing image"
-BAD_IMAGE = "undecodable image"
-BAD_ANSWER = "unreadable answer"
+# Skip reasons, as counted in the accuracy table's footer (the image ones are data.py's).
+BAD_ANSWER = "bad_answer"
 
 
 @dataclass
@@ -56,7 +55,7 @@ class BenchItem:
         return list(dict.fromkeys(out))
 
     def grading_spec(self) -> str:
-        """What `bench_reward` grades against, as the JSON string it takes."""
+        """What `rewards.eval_reward` grades against, as the JSON string it takes."""
         return json.dumps({"golds": self.golds(), "options": self.options,
                            "alternatives": self.extra.get("alternatives", [])})
 
@@ -77,26 +76,13 @@ class LayoutError(ValueError):
     """The file's columns match no known benchmark layout (or the file cannot be read)."""
 
 
-class BadRow(Exception):
-    """A row that cannot be evaluated; the message is its skip reason."""
-
-
 # ---------------------------------------------------------------------------- images
-
-
-def decode_image(data: bytes) -> Image.Image:
-    im = Image.open(io.BytesIO(data))
-    im.load()
-    return im.convert("RGB")
 
 
 def _image_bytes(value: Any, base: Path) -> bytes:
     """Encoded bytes of one image reference, validated by a full decode."""
     data = _raw_image_bytes(value, base)
-    try:
-        decode_image(data)
-    except Exception as e:  # PIL raises several types for bad data
-        raise BadRow(BAD_IMAGE) from e
+    decode_image(data)
     return data
 
 
@@ -468,7 +454,7 @@ def load_benchmark(path: str | Path, layout: str | None = None, limit: int | Non
         try:
             item = loader(row, path.parent)
         except BadRow as e:
-            out.skipped[str(e)] += 1
+            out.skipped[e.reason] += 1
             continue
         # Resume keys on the id, so a missing or repeated one is replaced by the row index.
         if not item.id or item.id in seen:
@@ -477,33 +463,3 @@ def load_benchmark(path: str | Path, layout: str | None = None, limit: int | Non
         item.benchmark = bench
         out.items.append(item)
     return out
-
-
-# ---------------------------------------------------------------------------- grading
-
-_LETTER_LIST = re.compile(r"\(?[A-Z]\)?(?:\s*(?:,|and)\s*\(?[A-Z]\)?)+")
-
-
-def bench_reward(pred: str, spec: str) -> float:
-    """1.0 if the extracted answer `pred` matches the item described by `spec`, else 0.0.
-
-    `spec` is JSON {"golds", "options", "alternatives"} (a string, so that RewardScorer can
-    run this in a worker process with a time limit). A letter or the option's text both
-    count for multiple choice; a gold like "A, C" (several letters) needs the same set.
-    """
-    from racro_fast.rewards import grade
-
-    pred = pred.strip()
-    if not pred:
-        return 0.0
-    s = json.loads(spec)
-    golds = [g for g in s["golds"] + s.get("alternatives", []) if g]
-    for g in golds:
-        if _LETTER_LIST.fullmatch(g.strip()):
-            if _LETTER_LIST.fullmatch(pred.strip("$ ")) and set(re.findall(r"[A-Z]", g)) == set(
-                    re.findall(r"[A-Z]", pred)):
-                return 1.0
-            continue
-        if grade(pred, g, s.get("options")):
-            return 1.0
-    return 0.0

@@ -1,0 +1,63 @@
+"""Every shipped GPU config fits 8 x 80 GB in every phase of a step, checked on CPU against the real
+models' sizes (the architecture fields of their published config.json, in tests/model_configs)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from racro_fast import dist, parallel
+from racro_fast.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = Path(__file__).resolve().parent / "model_configs"
+GPU_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "demo_cpu.yaml")
+H100 = 80 * 10 ** 9  # bytes of an 80 GB H100 (79.6 GiB as torch reports it)
+
+
+def plan_for(path: Path, world: int, monkeypatch, *overrides: str) -> tuple:
+    monkeypatch.setattr(dist, "world_size", lambda: world)
+    cfg = load_config(path, list(overrides))
+    size = {name: parallel.ModelSize.from_config(SIZES / Path(getattr(cfg.model, name)).name)
+            for name in ("captioner", "reasoner")}
+    backend = parallel.make_backend(cfg)
+    return cfg, parallel.memory_plan(cfg, backend, size["captioner"], size["reasoner"], H100)
+
+
+def table_row(path: Path, plan: dict) -> str:
+    t = plan["trainer"]
+    g = parallel.GIB
+    return (f"| `{path.name}` | {(t['params'] + t['ref']) / g:.1f} | {plan['captions'] / g:.1f} | "
+            f"{plan['answers'] / g:.1f} | {plan['update'] / g:.1f} | {plan['captioner_engine_need'] / g:.1f} | "
+            f"{plan['reasoner_engine_need'] / g:.1f} |")
+
+
+def test_sizes_are_the_published_ones():
+    counts = {p.name: parallel.ModelSize.from_config(p).params / 1e9 for p in SIZES.iterdir() if p.is_dir()}
+    assert counts == pytest.approx({"Qwen2.5-VL-3B-Instruct": 3.75, "Qwen2.5-VL-7B-Instruct": 8.29,
+                                    "DeepSeek-R1-Distill-Qwen-7B": 7.62, "DeepSeek-R1-Distill-Qwen-32B": 32.76},
+                                   abs=0.01), counts
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_config_fits_8_h100(path, monkeypatch, capsys):
+    assert len(GPU_CONFIGS) == 3
+    cfg, plan = plan_for(path, 8, monkeypatch)
+    parallel.check_memory_plan(cfg, plan, H100)
+    with capsys.disabled():  # the README's memory table
+        print("\n" + table_row(path, plan))
+
+
+def test_a_captioner_fraction_too_small_for_its_weights_is_refused(monkeypatch):
+    """0.2 x 80 GB = 16 GB holds the 7B captioner's 16.6 GB of bf16 weights and no KV cache."""
+    path = ROOT / "configs" / "qwen25vl_7b_r1_32b_tp4.yaml"
+    cfg, plan = plan_for(path, 8, monkeypatch, "rollout.captioner_gpu_fraction=0.2")
+    with pytest.raises(ConfigError, match=r"^rollout.captioner_gpu_fraction: 0.2 x 75 GiB"):
+        parallel.check_memory_plan(cfg, plan, H100)
+
+
+def test_one_gpu_cannot_train_a_7b_captioner(monkeypatch):
+    path = ROOT / "configs" / "qwen25vl_7b_r1_7b.yaml"
+    cfg, plan = plan_for(path, 1, monkeypatch, "dist.offload_optimizer=false")
+    with pytest.raises(ConfigError, match=r"^rollout.captioner_gpu_fraction: captions phase|^dist.backend"):
+        parallel.check_memory_plan(cfg, plan, H100)
