@@ -6,7 +6,7 @@ VENV ?= .venv
 export PY VENV TORCH_INDEX_URL TORCH_VERSION VLLM
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check gpu-wheels clean
 
 $(VENV)/.setup-run: setup.py scripts/setup.sh
 	bash scripts/setup.sh run
@@ -26,6 +26,21 @@ bench: $(VENV)/.setup-dev
 	$(BIN)/python benchmarks/bench_fused_linear_logprob.py
 	$(BIN)/python benchmarks/bench_logprob_from_logits.py
 	$(BIN)/python benchmarks/bench_grpo_loss.py
+
+# On a GPU machine that has torch (CUDA), triton and transformers: no virtualenv, nothing downloaded.
+# What it lacks (math-verify and its two dependencies; liger-kernel for the comparisons) comes as
+# wheels in .whl/, fetched on a machine with an index by `make gpu-wheels`.
+GPU_PY ?= python3
+GPU_SITE ?= /tmp/racro_fast_site
+gpu-check:
+	$(GPU_PY) -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade \
+		--target $(GPU_SITE) . $(wildcard .whl/*.whl)
+	PYTHONPATH=$(GPU_SITE) $(GPU_PY) benchmarks/gpu_check.py $(ARGS)
+
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 liger-kernel==0.8.5
 
 clean:
 	rm -rf runs build *.egg-info $(VENV)

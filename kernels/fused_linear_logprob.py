@@ -291,6 +291,12 @@ def fused_linear_logprob(
     check_temperature(temperature)
     check_targets(targets, hidden, "hidden", weight.shape[0], ignore_index)
     backend = check_backend(backend, hidden, "hidden")
+    if hidden.shape[0] == 0:
+        # No token (a rank whose micro-batch holds only empty captions): empty outputs that still
+        # join hidden and weight to the graph, so this rank's backward reaches the same parameters as
+        # every other rank's (a sharded backward waits for all of them), with zero gradients.
+        empty = (hidden.sum(-1) + weight.sum()).float()  # [0]
+        return empty, (empty.clone() if with_entropy else None)
     if backend == "torch":
         return fused_linear_logprob_ref(hidden, weight, targets, temperature, with_entropy, ignore_index)
     return _fused_linear_logprob_triton(hidden, weight, targets, temperature, with_entropy, ignore_index)

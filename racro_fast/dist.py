@@ -17,7 +17,9 @@ from racro_fast.config import ConfigError
 
 
 def init() -> None:
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not tdist.is_initialized():
+    """A process group under torchrun (any world size, so `--nproc_per_node 1` runs the sharded path
+    too); nothing in a plain process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not tdist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank())

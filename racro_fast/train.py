@@ -282,7 +282,7 @@ def build_engines(cfg: Config, policy: Policy, device: torch.device, out_dir: Pa
     if cfg.rollout.engine == "hf":
         return Engines(HFEngine(policy.backend.module(policy.model), policy.tokenizer), reasoner, rtok, scorer)
     parallel.check_memory(policy.backend, policy.model, cfg, device)
-    launcher = "external_launcher" if dist.world_size() > 1 else None
+    launcher = "external_launcher" if dist.is_dist() else None
     mm = {"min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels}  # the trainer's image grids
     captioner = VLLMEngine(cfg.model.captioner, name="captioner", dtype=cfg.model.dtype,
                            gpu_memory_utilization=cfg.rollout.captioner_gpu_fraction,
@@ -335,8 +335,8 @@ def sync_weights(cfg: Config, policy: Policy, engines: Engines, gauges: dict) ->
     """The trainer's weights into the captioner engine, asleep at level 2 since its last rollout:
     wake the weights' memory, push in buckets (gathered from the shards), reset the prefix,
     encoder and multimodal caches (inside the push)."""
-    parallel.free_cached_memory()
     if isinstance(engines.captioner, VLLMEngine):
+        parallel.free_cached_memory()
         engines.captioner.wake_up(tags=["weights"])
     push_weights(engines.captioner, policy.backend.full_state_items(policy.model, cfg.dist.weight_bucket_mb),
                  cfg.dist.weight_bucket_mb)

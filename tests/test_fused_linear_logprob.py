@@ -215,3 +215,18 @@ def test_cuda_triton_matches_reference():
     want = expected(h, W, y, g, gH, 0.7, True)
     got = outputs_and_grads(fused_linear_logprob, h, W, y, g, gH, True, temperature=0.7, with_entropy=True)
     check_against(got, want, torch.bfloat16, True, "cuda triton bf16")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_no_tokens(backend, with_entropy):
+    """N = 0 (a rank whose micro-batch holds only empty captions): empty outputs, zero gradients for
+    hidden and weight (so every rank's backward reaches the weight), no error in the launch settings."""
+    h = torch.zeros(0, 32, requires_grad=True)
+    W = torch.randn(70, 32, requires_grad=True)
+    logp, H = fused_linear_logprob(h, W, torch.zeros(0, dtype=torch.long), 0.7, with_entropy, backend=backend)
+    assert logp.shape == (0,) and logp.dtype == torch.float32
+    assert (H is not None) == with_entropy and (H is None or H.shape == (0,))
+    (logp.sum() + (H.sum() if H is not None else 0)).backward()
+    assert h.grad.shape == (0, 32)
+    assert W.grad is not None and W.grad.abs().max().item() == 0.0

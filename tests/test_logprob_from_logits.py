@@ -199,3 +199,14 @@ def test_cuda_triton_matches_reference():
     want = expected(x, y, g, gH, 0.7, True)
     got = outputs_and_grad(logprob_from_logits, x, y, g, gH, True, temperature=0.7, with_entropy=True)
     check_against(got, want, torch.bfloat16, True, "cuda triton bf16")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_tokens(backend):
+    """N = 0: empty log-prob and entropy, and an empty gradient."""
+    from racro_fast.kernels import logprob_from_logits as op
+    z = torch.zeros(0, 70, requires_grad=True)
+    logp, H = op(z, torch.zeros(0, dtype=torch.long), 0.7, with_entropy=True, backend=backend)
+    assert logp.shape == (0,) and H.shape == (0,)
+    logp.sum().backward()
+    assert z.grad.shape == (0, 70)

@@ -20,7 +20,7 @@ def plan_for(path: Path, world: int, monkeypatch, *overrides: str) -> tuple:
     cfg = load_config(path, list(overrides))
     size = {name: parallel.ModelSize.from_config(SIZES / Path(getattr(cfg.model, name)).name)
             for name in ("captioner", "reasoner")}
-    backend = parallel.make_backend(cfg)
+    backend = parallel.FSDP2(cfg)  # what make_backend gives under torchrun with dist.backend=fsdp2
     return cfg, parallel.memory_plan(cfg, backend, size["captioner"], size["reasoner"], H100)
 
 

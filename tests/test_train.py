@@ -121,6 +121,19 @@ def test_update_with_an_empty_caption(tiny_captioner_dir):
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_update_with_only_empty_captions(tiny_captioner_dir):
+    """No caption token at all in the update (N = 0 through the fused op): a finite zero loss, the
+    step taken, nothing moved by the policy gradient."""
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", ["train.micro_batch=4", "loss.kl_coef=0"])
+    model, tok, samples = _model_and_samples(tiny_captioner_dir, [1.0, -1.0], empty_first=True)
+    samples[1].input_ids = samples[1].input_ids[:samples[1].prompt_len]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = policy_update(Single(cfg), model, opt, samples, cfg, tok.pad_token_id, torch.device("cpu"))
+    assert out["skipped"] == 0.0 and out["loss"] == 0.0 and out["grad_norm"] == 0.0, out
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_caption_cut_at_vision_token(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
     from racro_fast.engines import GenOutput

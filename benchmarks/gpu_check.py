@@ -1,0 +1,132 @@
+"""The GPU checks in one run of at most ~8 minutes on one H100/H200 (`make gpu-check`).
+
+    python benchmarks/gpu_check.py [--commit SHA]        # needs torch (CUDA), triton, transformers
+
+1. the kernel tests on CUDA (TRITON_INTERPRET=0: the compiled kernels against their references);
+2. the kernel benchmarks at the README's target shapes, ours against eager (and Liger-Kernel when
+   installed): fused_linear_logprob fwd+bwd at N=16384 D=3584 V=152064 bf16, logprob_from_logits
+   and grpo_loss at their GPU shapes; rows appended to benchmarks/results/<kernel>.csv;
+3. 3 trainer steps on CUDA: tiny random Qwen2.5-VL captioner and Qwen2 reasoner, HF engines,
+   FSDP2 at world size 1 over nccl (`torchrun --nproc_per_node 1`), with the per-phase seconds and
+   memory gauges of every step.
+Everything is logged to benchmarks/results/gpu_check.log and summarised as one JSON line appended
+to benchmarks/results/gpu_check.jsonl (device, commit, date, each part's status and figures).
+
+Left out: vLLM (not on the check machines), flash-attn, DeepSpeed and multi-GPU runs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+BENCH = [
+    ("fused_linear_logprob", ["--shapes", "16384x3584x152064", "--modes", "fwd,full", "--rounds", "2"]),
+    ("logprob_from_logits", []),
+    ("grpo_loss", []),
+]
+
+
+def run(cmd: list[str], log, timeout: float, env: dict | None = None) -> tuple[int, str, float]:
+    t0 = time.perf_counter()
+    log.write(f"\n$ {' '.join(cmd)}\n")
+    log.flush()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        rc, out = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, out = 124, f"{e.stdout or ''}{e.stderr or ''}\ntimed out after {timeout:.0f} s"
+    log.write(out if isinstance(out, str) else out.decode(errors="replace"))
+    log.flush()
+    return rc, out if isinstance(out, str) else str(out), time.perf_counter() - t0
+
+
+def tiny_models(out: Path) -> tuple[str, str]:
+    from transformers import AutoTokenizer
+
+    from racro_fast.tiny import build_captioner, build_reasoner, build_tokenizer
+    build_tokenizer(out / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    build_captioner(out / "captioner", tok, seed=0)
+    build_reasoner(out / "reasoner", tok, seed=0)
+    return str(out / "captioner"), str(out / "reasoner")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--commit", default=None, help="the commit checked (when the tree has no .git)")
+    p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check")
+    p.add_argument("--allow-cpu", action="store_true", help="run the plumbing on CPU (tiny shapes): for tests")
+    args = p.parse_args()
+    import torch
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.allow_cpu:
+        print("gpu_check: no CUDA device visible", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import device_name, git_commit
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"device": device_name(), "commit": args.commit or git_commit(),
+                     "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                     "torch": torch.__version__}
+    deadline = time.monotonic() + args.budget
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_INTERPRET="0" if cuda else "1")
+    with open(RESULTS / "gpu_check.log" if cuda else os.devnull, "a") as log:
+        log.write(f"\n==== gpu_check {summary}\n")
+        # 1. kernel tests, compiled
+        tests = ["tests/test_fused_linear_logprob.py", "tests/test_logprob_from_logits.py", "tests/test_grpo_loss.py"]
+        if not cuda:
+            tests = [t + "::test_no_tokens" for t in tests[:2]]
+        rc, out, s = run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], log,
+                         timeout=max(30.0, min(180.0, deadline - time.monotonic())), env=env)
+        summary["kernel_tests"] = {"rc": rc, "seconds": round(s, 1), "result": out.strip().splitlines()[-1] if out.strip() else ""}
+        # 2. kernel benchmarks (rows go to benchmarks/results/<kernel>.csv)
+        summary["bench"] = {}
+        for name, extra in BENCH:
+            left = deadline - time.monotonic() - 90  # keep time for the trainer steps
+            if left < 20:
+                summary["bench"][name] = {"rc": None, "why": "skipped: out of time"}
+                continue
+            cmd = [sys.executable, str(ROOT / "benchmarks" / f"bench_{name}.py"),
+                   *(extra if cuda else ["--quick", "--no-csv"])]
+            rc, out, s = run(cmd, log, timeout=left, env=env)
+            ratios = [line.strip() for line in out.splitlines() if line.startswith("ours / ")]
+            summary["bench"][name] = {"rc": rc, "seconds": round(s, 1), "ratios": ratios}
+        # 3. three trainer steps
+        with tempfile.TemporaryDirectory() as tmp:
+            cap, rsn = tiny_models(Path(tmp) / "models")
+            run_dir = Path(tmp) / "run"
+            dtype = "bfloat16" if cuda else "float32"
+            cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                   "-m", "racro_fast.train", "--config", str(ROOT / "configs" / "demo_cpu.yaml"),
+                   f"model.captioner={cap}", f"model.reasoner={rsn}", f"model.dtype={dtype}", "train.steps=3",
+                   "run.progress=false", "run.save_every=0", "run.export=false", f"run.output_dir={run_dir}",
+                   f"run.device={'cuda' if cuda else 'cpu'}"]
+            rc, out, s = run(cmd, log, timeout=max(30.0, deadline - time.monotonic()), env=env)
+            steps = []
+            if (run_dir / "metrics.jsonl").exists():
+                for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+                    m = json.loads(line)
+                    steps.append({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()
+                                  if k == "step" or k.endswith("_s") or k.startswith("mem_") or k in
+                                  ("peak_mem_gb", "loss", "reward_mean", "grad_norm", "tokens_per_s")})
+            summary["train"] = {"rc": rc, "seconds": round(s, 1), "steps": steps}
+    summary["ok"] = summary["kernel_tests"]["rc"] == 0 and summary["train"]["rc"] == 0 and all(
+        b.get("rc") == 0 for b in summary["bench"].values())
+    if cuda:  # a CPU smoke run checks the plumbing and records nothing
+        with open(RESULTS / "gpu_check.jsonl", "a") as f:
+            f.write(json.dumps(summary) + "\n")
+    print(json.dumps(summary, indent=1))
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
