@@ -9,7 +9,9 @@ Images may also be bytes, PIL images or absolute paths. Other columns ("caption"
 
 Rows are decoded on access, so 39K rows index in well under a second. A row that cannot be
 used (undecodable image, empty answer, ...) is never fatal: `ds[i]` returns None, the reason
-is counted in `ds.skipped` and logged once per reason.
+is counted in `ds.skipped` and logged once per reason. `BadRow` and `decode_image` serve the
+evaluation loaders (eval_data.py) too. `RowStream` is a rank's endless, seeded, resumable order
+over the rows.
 """
 from __future__ import annotations
 
