@@ -339,28 +339,9 @@ def grpo_loss_ref(
     adv = advantages.detach().float()
     adv = adv[:, None] if adv.dim() == 1 else adv.masked_fill(~m, 0.0)
 
-    log_ratio = (x - old).clamp(-GRPO_LOG_RATIO_CLAMP, GRPO_LOG_RATIO_CLAMP)
-    ratio = log_ratio.exp()
-    pg_unclipped = -adv * ratio
-    pg_clipped = -adv * ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
-    # where() instead of maximum(): ties send the whole gradient to the unclipped branch, as the kernel does.
-    clipped = pg_clipped > pg_unclipped
-    pg = torch.where(clipped, pg_clipped, pg_unclipped)
-    if cfg.dual_clip is not None:
-        pg_dual = -adv * cfg.dual_clip
-        pg = torch.where((adv < 0) & (pg > pg_dual), pg_dual, pg)
-
-    token_loss = pg
-    kl = None
-    if ref_logp is not None:
-        kl = grpo_kl_ref(x, ref_logp.detach().float().masked_fill(~m, 0.0), cfg.kl_type)
-        if cfg.kl_coef != 0.0:
-            token_loss = token_loss + cfg.kl_coef * kl
-    ent = None
-    if entropy is not None:
-        ent = entropy.float().masked_fill(~m, 0.0)
-        # Kept at coefficient 0 too, so a given entropy always receives a (zero) gradient.
-        token_loss = token_loss - cfg.entropy_coef * ent
+    ref = None if ref_logp is None else ref_logp.detach().float().masked_fill(~m, 0.0)
+    ent = None if entropy is None else entropy.float().masked_fill(~m, 0.0)
+    token_loss, pg, kl, ratio, clipped = grpo_token_terms(x, old, ref, adv, ent, cfg)
 
     row_count = mf.sum(dim=1)                                   # (B,)
     u, inv_denom = grpo_row_weights_ref(row_count, cfg, T, num_tokens, num_seqs)
@@ -383,6 +364,33 @@ def grpo_loss_ref(
             metrics["entropy_mean"] = (ent * mf).sum() * inv_count
         metrics["num_tokens_local"] = count
     return loss, {k: v.detach().float() for k, v in metrics.items()}
+
+
+def grpo_token_terms(x: Tensor, old: Tensor, ref: Tensor | None, adv: Tensor, ent: Tensor | None, cfg):
+    """Per-token GRPO terms (fp32, any shape, broadcasting): token loss l = pg + beta kl - alpha H,
+    and pg, kl (None without ref), ratio and the clipped-branch flag, from which the metrics follow.
+    Each token's loss depends on its own log-prob and entropy only: that is what lets the fused
+    linear GRPO op take the logits' gradient chunk by chunk."""
+    log_ratio = (x - old).clamp(-GRPO_LOG_RATIO_CLAMP, GRPO_LOG_RATIO_CLAMP)
+    ratio = log_ratio.exp()
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+    # where() instead of maximum(): ties send the whole gradient to the unclipped branch, as the kernel does.
+    clipped = pg_clipped > pg_unclipped
+    pg = torch.where(clipped, pg_clipped, pg_unclipped)
+    if cfg.dual_clip is not None:
+        pg_dual = -adv * cfg.dual_clip
+        pg = torch.where((adv < 0) & (pg > pg_dual), pg_dual, pg)
+    token_loss = pg
+    kl = None
+    if ref is not None:
+        kl = grpo_kl_ref(x, ref, cfg.kl_type)
+        if cfg.kl_coef != 0.0:
+            token_loss = token_loss + cfg.kl_coef * kl
+    if ent is not None:
+        # Kept at coefficient 0 too, so a given entropy always receives a (zero) gradient.
+        token_loss = token_loss - cfg.entropy_coef * ent
+    return token_loss, pg, kl, ratio, clipped
 
 
 def grpo_row_weights_ref(

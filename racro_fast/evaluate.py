@@ -192,11 +192,22 @@ def load_captioner(path: str, engine: str, batch_size: int, max_tokens: int, see
     return HFEngine(model, tokenizer, batch_size=batch_size), tokenizer, image_processor
 
 
-def load_reasoner(path: str, engine: str, batch_size: int, max_tokens: int, seed: int) -> tuple[Any, Any]:
-    """(engine, tokenizer) for a text reasoner."""
+def split_reasoner(spec: str) -> tuple[str, str | None]:
+    """A reasoner is `PATH`, or `PATH@URL`: a vLLM server already serving it at URL, its chat
+    template read from PATH (the training loop's rollout.reasoner_url client)."""
+    path, sep, rest = spec.partition("@http")
+    return (path, "http" + rest) if sep else (spec, None)
+
+
+def load_reasoner(spec: str, engine: str, batch_size: int, max_tokens: int, seed: int) -> tuple[Any, Any]:
+    """(engine, tokenizer) for a text reasoner (see `split_reasoner`)."""
     from transformers import AutoTokenizer
 
+    path, url = split_reasoner(spec)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if url is not None:
+        from racro_fast.engines import ServerEngine
+        return ServerEngine(url, tokenizer, concurrency=batch_size), tokenizer
     if engine == "vllm":
         return _vllm(path, max_tokens + 8192, seed), tokenizer
     device, dtype = _device_dtype()
@@ -444,6 +455,7 @@ def _record(item: BenchItem, mode: str, reasoner: str, caption: str | None, capt
 
 def reasoner_names(paths: list[str]) -> list[str]:
     """Last path component, widened with parents where two reasoners would share a name."""
+    paths = [split_reasoner(p)[0] for p in paths]
     names = [Path(p.rstrip("/")).name or p for p in paths]
     for i, p in enumerate(paths):
         if names.count(names[i]) > 1:
@@ -519,7 +531,8 @@ def plot(result: dict, path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="racro-fast eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--captioner", required=True, help="captioner checkpoint (Qwen2.5-VL) directory or hub id")
-    p.add_argument("--reasoner", action="extend", nargs="+", default=[], help="text reasoner(s), evaluated in turn")
+    p.add_argument("--reasoner", action="extend", nargs="+", default=[],
+                   help="text reasoner(s), evaluated in turn: PATH, or PATH@URL for a vLLM server already serving it")
     p.add_argument("--data", action="extend", nargs="+", required=True, help="benchmark file(s): parquet/jsonl/json")
     p.add_argument("--mode", action="extend", nargs="+", choices=MODES, help="caption | joint | direct (default caption)")
     p.add_argument("--engine", default="auto", choices=("auto", "vllm", "hf"))

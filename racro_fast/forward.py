@@ -1,8 +1,10 @@
 """The policy forward over training samples: one sample per caption, right-padded micro-batches,
-the decoder to its last hidden state, and only the caption positions through the fused projection
-+ log-softmax (`kernels.fused_linear_logprob`: the [tokens, vocab] logits are never built).
+the decoder to its last hidden state, and only the caption positions through the vocabulary
+projection (the [tokens, vocab] logits are never built): `kernels.fused_linear_grpo` in the update,
+`kernels.fused_linear_logprob` in the no-grad passes.
 
     batch = collate(samples, pad_id, device)                         # input_ids (B, T), mask (B, T-1)
+    h, y = caption_hidden(model, batch)                              # (N, D), (N,)
     logp, ent = sequence_logprobs(model, batch, temperature, True)   # (B, T-1) each
     fill_logprobs(backend, ref, samples, "ref_logp", 8, 1.0, pad_id, device)   # no-grad passes
 """
@@ -54,20 +56,23 @@ def pad_per_token(values: list[torch.Tensor], T1: int, device: torch.device) -> 
     return out.to(device)
 
 
-def sequence_logprobs(model, batch: dict, temperature: float, with_entropy: bool):
-    """Log-probs (and entropy) of every caption token, (B, T-1) each, zero off the mask.
-
-    Runs the decoder to its last hidden state, drops padding and prompt positions, and sends only
-    the caption positions through the fused projection + log-softmax (no [tokens, vocab] logits).
-    """
+def caption_hidden(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's last hidden state at the positions that predict caption tokens, h (N, D), and
+    those tokens, y (N,): padding and prompt positions never reach the vocabulary projection."""
     hidden = model.model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
         pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
         use_cache=False,  # one full-sequence pass: a KV cache would only cost memory
     ).last_hidden_state  # (B, T, D)
     mask = batch["mask"]  # (B, T-1)
-    h = hidden[:, :-1][mask]  # (N, D)
-    y = batch["input_ids"][:, 1:][mask]  # (N,)
+    return hidden[:, :-1][mask], batch["input_ids"][:, 1:][mask]  # (N, D), (N,)
+
+
+def sequence_logprobs(model, batch: dict, temperature: float, with_entropy: bool):
+    """Log-probs (and entropy) of every caption token, (B, T-1) each, zero off the mask, through the
+    fused projection + log-softmax (no [tokens, vocab] logits)."""
+    h, y = caption_hidden(model, batch)
+    mask = batch["mask"]
     logp_n, ent_n = fused_linear_logprob(h, model.lm_head.weight, y, temperature, with_entropy=with_entropy)
     logp = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, logp_n)
     ent = None

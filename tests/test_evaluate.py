@@ -310,3 +310,18 @@ def test_vllm_reasoners_in_turn(tmp_path, tiny_captioner_dir, tiny_reasoner_dir,
     records = read_jsonl(tmp_path / "eval" / "records.jsonl")
     assert sorted((r["reasoner"], r["id"]) for r in records) == [(ra, "d1"), (ra, "d2"), (rb, "d1"), (rb, "d2")]
     assert all(isinstance(r["reasoner_output"], str) and r["reasoner_output"] for r in records)
+
+
+@pytest.mark.requires_vllm
+def test_reasoner_behind_a_running_server(tmp_path, tiny_captioner_dir, tiny_reasoner_dir, reasoner_server) -> None:
+    """`--reasoner PATH@URL`: the reasoner answers from a vLLM server already running (the trainer's
+    rollout.reasoner_url client); the column is named after PATH."""
+    data = write_benchmarks(tmp_path / "data")[1:2]  # DynaMath, 2 items
+    spec = f"{tiny_reasoner_dir}@{reasoner_server.url}"
+    result = ev.evaluate(tiny_captioner_dir, [spec], data, ["caption"], tmp_path / "eval", engine="hf",
+                         batch_size=4, max_caption_tokens=6, max_reasoner_tokens=6)
+    name = Path(tiny_reasoner_dir).name
+    assert result["n"] == {"DynaMath": {f"{name}/caption": 2}}
+    records = read_jsonl(tmp_path / "eval" / "records.jsonl")
+    assert all(r["reasoner"] == name and isinstance(r["reasoner_output"], str) for r in records), records
+    assert reasoner_server.proc.poll() is None, "evaluation must not stop a server it did not start"

@@ -1,0 +1,153 @@
+"""Fused linear GRPO: from hidden states to the GRPO loss, with the gradients ready after the forward.
+
+For each token n (h_n its hidden state, y_n its target, w_n its weight in the aggregated loss):
+
+    z_n   = W h_n / t                       logits, one [chunk, V] tile at a time, never [N, V]
+    logp  = z_n[y_n] - lse(z_n),  H_n = lse(z_n) - sum_v softmax(z_n)_v z_nv
+    loss  = sum_n w_n l_n,  l_n = pg(logp, old, A) + beta kl(logp, ref) - alpha H_n   (grpo_token_terms)
+
+A token's loss depends on its own logp and H only, and old, ref, A and w are known before the
+forward, so dloss/dz is known tile by tile:
+
+    dz_n = [dl_n/dlogp (onehot(y_n) - p_n) - dl_n/dH p_n (z_n - E_p z_n)] w_n / t
+
+Per chunk of rows: one GEMM for the logits, `logprob_from_logits` (the Triton kernel on CUDA, the
+torch reference on CPU) for logp and H, whose backward writes dz into the logits' own storage, then
+dh = dz W and dW += dz^T h: three [N, D] x [D, V] GEMMs in all, where log-probs + loss through
+autograd (`fused_linear_logprob` recomputes the logits in its backward) take four. The backward only
+scales the stored dh and dW by the upstream gradient.
+
+The weights w come from the aggregation (`grpo_token_weights`): with the global token and sequence
+counts, the chunks' and micro-batches' losses add up to the loss of the whole batch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .grpo_loss import GRPOLossConfig
+from .logprob_from_logits import logprob_from_logits
+from .reference import grpo_row_weights_ref, grpo_token_terms
+from .utils import check_float_matrix, check_temperature, chunk_budget, chunk_rows
+
+__all__ = ["fused_linear_grpo", "grpo_token_weights"]
+
+
+def grpo_token_weights(mask: Tensor, cfg: GRPOLossConfig, num_tokens: float | None = None,
+                       num_seqs: float | None = None) -> Tensor:
+    """w [B, T] fp32: each token's weight in the aggregated loss (`grpo_loss`'s u_b / D), 0 off the mask."""
+    m = (mask != 0).float()
+    u, inv_denom = grpo_row_weights_ref(m.sum(dim=1), cfg, mask.shape[1], num_tokens, num_seqs)
+    return m * u[:, None] * inv_denom
+
+
+class _FusedLinearGRPO(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, old_logp, ref_logp, adv, token_weight, cfg, temperature,
+                ignore_index, chunk, backend, metrics_out):
+        N, D = hidden.shape
+        dh = torch.empty_like(hidden)
+        dW = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype == torch.float32 else weight.dtype,
+                         device=weight.device)
+        sums = torch.zeros(6, dtype=torch.float64, device=hidden.device)  # loss, pg, clipped, kl, ratio, H
+        r_min = torch.full((), math.inf, device=hidden.device)
+        r_max = torch.full((), -math.inf, device=hidden.device)
+        count = 0.0
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            h_c, y_c = hidden[s:e], targets[s:e]
+            valid = y_c != ignore_index
+            w = torch.where(valid, token_weight[s:e].float(), 0.0)
+            z = h_c @ weight.t()  # GEMM 1: [chunk, V] (forward runs without a graph: z is a leaf)
+            with torch.enable_grad():
+                z.requires_grad_()
+                logp, H = logprob_from_logits(z, y_c, temperature, with_entropy=True, ignore_index=ignore_index,
+                                              backend=backend)
+                x = logp.detach().requires_grad_()
+                ent = H.detach().requires_grad_()
+                old = x.detach() if old_logp is None else old_logp[s:e].float()
+                ref = None if ref_logp is None else ref_logp[s:e].float()
+                token_loss, pg, kl, ratio, clipped = grpo_token_terms(x, old, ref, adv[s:e].float(), ent, cfg)
+                loss_c = (token_loss * w).sum()
+                g_logp, g_ent = torch.autograd.grad(loss_c, (x, ent))
+                # the backward of logprob_from_logits writes dz into z's storage (no second [chunk, V])
+                (dz,) = torch.autograd.grad((logp, H), (z,), (g_logp, g_ent))
+            dh[s:e] = dz @ weight  # GEMM 2
+            torch.addmm(dW, dz.t().to(dW.dtype), h_c.to(dW.dtype), out=dW)  # GEMM 3, accumulated in place
+            with torch.no_grad():
+                vf = valid.float()
+                sums += torch.stack([loss_c.detach(), (pg * w).sum(), (clipped & valid).float().sum(),
+                                     (kl * vf).sum() if kl is not None else loss_c.new_zeros(()),
+                                     (ratio * vf).sum(), (H.detach() * vf).sum()]).double()
+                if valid.any():
+                    r_min = torch.minimum(r_min, ratio[valid].min())
+                    r_max = torch.maximum(r_max, ratio[valid].max())
+                count += float(vf.sum())
+        ctx.save_for_backward(dh, dW.to(weight.dtype))
+        inv = 1.0 / count if count else 0.0
+        metrics = {"pg_loss": sums[1], "clip_frac": sums[2] * inv, "kl_mean": sums[3] * inv,
+                   "ratio_min": r_min if count else r_min.new_zeros(()), "ratio_mean": sums[4] * inv,
+                   "ratio_max": r_max if count else r_max.new_zeros(()), "entropy_mean": sums[5] * inv,
+                   "num_tokens_local": torch.tensor(count)}
+        metrics_out.update({k: v.detach().float().cpu() for k, v in metrics.items()})
+        return sums[0].float()
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, dW = ctx.saved_tensors
+        if torch.equal(g, torch.ones_like(g)):
+            return dh, dW, *([None] * 11)  # the gradients as computed: no scaled copy
+        return dh * g.to(dh.dtype), dW * g.to(dW.dtype), *([None] * 11)
+
+
+def fused_linear_grpo(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    old_logp: Tensor | None,
+    ref_logp: Tensor | None,
+    advantages: Tensor,
+    token_weight: Tensor,
+    cfg: GRPOLossConfig,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    chunk: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO loss of the tokens whose hidden states are `hidden` [N, D] under the LM head `weight` [V, D].
+
+    Per token [N]: targets, old_logp (None: on-policy, ratio 1), ref_logp (None: no KL; needed when
+    cfg.kl_coef > 0), advantages, token_weight (`grpo_token_weights(mask, ...)[mask]`). Returns
+    (loss, metrics) as `grpo_loss` does, the loss differentiable w.r.t. hidden and weight with both
+    gradients computed in this call. N = 0 gives a zero loss with zero gradients. backend: of the
+    log-softmax epilogue (`logprob_from_logits`); chunk: rows per logits tile (default: from the
+    device's memory budget).
+    """
+    check_float_matrix(hidden, "hidden")
+    check_float_matrix(weight, "weight")
+    if weight.shape[1] != hidden.shape[1] or weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(f"weight {list(weight.shape)} {weight.dtype} on {weight.device} does not match hidden "
+                         f"{list(hidden.shape)} {hidden.dtype} on {hidden.device}")
+    check_temperature(temperature)
+    N = hidden.shape[0]
+    for name, t in (("targets", targets), ("advantages", advantages), ("token_weight", token_weight),
+                    ("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if t is not None and tuple(t.shape) != (N,):
+            raise ValueError(f"{name} must be [N] = [{N}], got {list(t.shape)}")
+    if cfg.kl_coef > 0 and ref_logp is None:
+        raise ValueError("ref_logp is None but cfg.kl_coef > 0")
+    if N == 0:
+        zero = (hidden.sum() + weight.sum()).float() * 0.0  # joins both to the graph: zero gradients
+        return zero, {k: torch.zeros(()) for k in ("pg_loss", "clip_frac", "kl_mean", "ratio_min", "ratio_mean",
+                                                    "ratio_max", "entropy_mean", "num_tokens_local")}
+    # one [chunk, V] tile of logits (and the entropy pass's temporaries) within the device's budget
+    # rows of one [chunk, V] logits tile: at 8 bytes an element, the tile and the epilogue's fp32 temporaries
+    # (about 11 bytes an element on CPU, measured) stay near the device's budget
+    if chunk is None:
+        chunk = chunk_rows(N, weight.shape[0], 8, chunk_budget(hidden.device))
+    metrics: dict[str, Tensor] = {}
+    loss = _FusedLinearGRPO.apply(hidden, weight, targets, old_logp, ref_logp, advantages, token_weight, cfg,
+                                  temperature, ignore_index, max(1, chunk), backend, metrics)
+    return loss, metrics
