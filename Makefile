@@ -24,6 +24,7 @@ test: $(VENV)/.setup-dev
 
 bench: $(VENV)/.setup-dev
 	$(BIN)/python benchmarks/bench_fused_linear_logprob.py
+	$(BIN)/python benchmarks/bench_fused_linear_grpo.py
 	$(BIN)/python benchmarks/bench_logprob_from_logits.py
 	$(BIN)/python benchmarks/bench_grpo_loss.py
 

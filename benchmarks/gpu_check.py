@@ -4,8 +4,9 @@
 
 1. the kernel tests on CUDA (TRITON_INTERPRET=0: the compiled kernels against their references);
 2. the kernel benchmarks at the README's target shapes, ours against eager (and Liger-Kernel when
-   installed): fused_linear_logprob fwd+bwd at N=16384 D=3584 V=152064 bf16, logprob_from_logits
-   and grpo_loss at their GPU shapes; rows appended to benchmarks/results/<kernel>.csv;
+   installed): fused_linear_logprob and fused_linear_grpo fwd+bwd at N=16384 D=3584 V=152064 bf16
+   (with their 4- and 3-GEMM floors), logprob_from_logits and grpo_loss at their GPU shapes; rows
+   appended to benchmarks/results/<kernel>.csv;
 3. 3 trainer steps on CUDA: tiny random Qwen2.5-VL captioner and Qwen2 reasoner, HF engines,
    FSDP2 at world size 1 over nccl (`torchrun --nproc_per_node 1`), with the per-phase seconds and
    memory gauges of every step.
@@ -29,7 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BENCH = [
-    ("fused_linear_logprob", ["--shapes", "16384x3584x152064", "--modes", "fwd,full", "--rounds", "2"]),
+    ("fused_linear_logprob", ["--shapes", "16384x3584x152064", "--modes", "forward,full", "--rounds", "2"]),
+    ("fused_linear_grpo", ["--shapes", "16384x3584x152064", "--rounds", "2"]),
     ("logprob_from_logits", []),
     ("grpo_loss", []),
 ]

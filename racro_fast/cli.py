@@ -3,7 +3,7 @@
     racro-fast train --config configs/qwen25vl_7b_r1_7b.yaml [section.field=value ...]
     racro-fast demo [section.field=value ...]        # tiny models built on CPU, then train (demo.py)
     racro-fast eval --captioner runs/demo/export --reasoner PATH --data FILE ...
-    racro-fast bench [fused_linear_logprob|logprob_from_logits|grpo_loss] [-- script args]
+    racro-fast bench [fused_linear_logprob|fused_linear_grpo|logprob_from_logits|grpo_loss] [-- script args]
     racro-fast profile --config configs/qwen25vl_7b_r1_7b.yaml --steps 3   # torch.profiler trace of a few steps
     racro-fast synth --out data/count.parquet --n 1000 --task count
 
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ("fused_linear_logprob", "logprob_from_logits", "grpo_loss")
+BENCHES = ("fused_linear_logprob", "fused_linear_grpo", "logprob_from_logits", "grpo_loss")
 
 
 def _bench(argv: list[str]) -> int:
