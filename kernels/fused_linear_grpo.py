@@ -18,7 +18,8 @@ autograd (`fused_linear_logprob` recomputes the logits in its backward) take fou
 scales the stored dh and dW by the upstream gradient.
 
 The weights w come from the aggregation (`grpo_token_weights`): with the global token and sequence
-counts, the chunks' and micro-batches' losses add up to the loss of the whole batch.
+counts, the chunks' and micro-batches' losses add up to the loss of the whole batch. The rollout
+importance weights (cfg.is_mode) are folded into per-token advantages, as in `grpo_loss`.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from .grpo_loss import GRPOLossConfig
+from .grpo_loss import GRPOLossConfig, apply_rollout_is
 from .logprob_from_logits import logprob_from_logits
 from .reference import grpo_row_weights_ref, grpo_token_terms
 from .utils import check_float_matrix, check_temperature, chunk_budget, chunk_rows
@@ -109,21 +110,25 @@ def fused_linear_grpo(
     old_logp: Tensor | None,
     ref_logp: Tensor | None,
     advantages: Tensor,
-    token_weight: Tensor,
+    mask: Tensor,
     cfg: GRPOLossConfig,
     temperature: float = 1.0,
+    num_tokens: float | Tensor | None = None,
+    num_seqs: float | Tensor | None = None,
+    rollout_logp: Tensor | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
     chunk: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """GRPO loss of the tokens whose hidden states are `hidden` [N, D] under the LM head `weight` [V, D].
+    """`grpo_loss` of the tokens whose hidden states are `hidden` [N, D] under the LM head `weight`
+    [V, D], with both gradients computed in this call.
 
-    Per token [N]: targets, old_logp (None: on-policy, ratio 1), ref_logp (None: no KL; needed when
-    cfg.kl_coef > 0), advantages, token_weight (`grpo_token_weights(mask, ...)[mask]`). Returns
-    (loss, metrics) as `grpo_loss` does, the loss differentiable w.r.t. hidden and weight with both
-    gradients computed in this call. N = 0 gives a zero loss with zero gradients. backend: of the
-    log-softmax epilogue (`logprob_from_logits`); chunk: rows per logits tile (default: from the
-    device's memory budget).
+    The tokens are the mask's, in row-major order: hidden [N, D] and targets [N] with N = mask.sum();
+    old_logp, ref_logp and rollout_logp are [B, T] like the mask, advantages [B] or [B, T]; the rest
+    is as in `grpo_loss` (an ignored target counts as a masked-out token). Returns (loss, metrics);
+    the loss is differentiable w.r.t. hidden and weight. N = 0 gives a zero loss with zero
+    gradients. backend: of the log-softmax epilogue (`logprob_from_logits`); chunk: rows per logits
+    tile (default: from the device's memory budget).
     """
     check_float_matrix(hidden, "hidden")
     check_float_matrix(weight, "weight")
@@ -131,23 +136,41 @@ def fused_linear_grpo(
         raise ValueError(f"weight {list(weight.shape)} {weight.dtype} on {weight.device} does not match hidden "
                          f"{list(hidden.shape)} {hidden.dtype} on {hidden.device}")
     check_temperature(temperature)
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, T], got {list(mask.shape)}")
+    m = mask != 0
     N = hidden.shape[0]
-    for name, t in (("targets", targets), ("advantages", advantages), ("token_weight", token_weight),
-                    ("old_logp", old_logp), ("ref_logp", ref_logp)):
-        if t is not None and tuple(t.shape) != (N,):
-            raise ValueError(f"{name} must be [N] = [{N}], got {list(t.shape)}")
+    if int(m.sum()) != N or tuple(targets.shape) != (N,):
+        raise ValueError(f"hidden [N, D] and targets [N] must hold the mask's {int(m.sum())} tokens, got "
+                         f"hidden {list(hidden.shape)} and targets {list(targets.shape)}")
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_logp", rollout_logp)):
+        if t is not None and tuple(t.shape) != tuple(mask.shape):
+            raise ValueError(f"{name} must be [B, T] = {list(mask.shape)}, got {list(t.shape)}")
+    if tuple(advantages.shape) not in ((mask.shape[0],), tuple(mask.shape)):
+        raise ValueError(f"advantages must be [B] or [B, T], got {list(advantages.shape)}")
     if cfg.kl_coef > 0 and ref_logp is None:
         raise ValueError("ref_logp is None but cfg.kl_coef > 0")
+    if cfg.is_mode != "off" and old_logp is None:
+        # a sequence's weight needs all its old log-probs, but a chunk holds only some of its tokens
+        raise ValueError(f"old_logp: is_mode={cfg.is_mode!r} needs the trainer's log-probs before the update")
+    valid = m.clone()
+    valid[m] = targets != ignore_index
+    adv, is_metrics = apply_rollout_is(hidden.new_zeros(mask.shape, dtype=torch.float32), old_logp, rollout_logp,
+                                       advantages, valid, cfg)
+    adv = adv.float()
+    adv = (adv[:, None] if adv.dim() == 1 else adv).expand(mask.shape)[m]
+    w = grpo_token_weights(valid, cfg, num_tokens, num_seqs)[m]
     if N == 0:
         zero = (hidden.sum() + weight.sum()).float() * 0.0  # joins both to the graph: zero gradients
         return zero, {k: torch.zeros(()) for k in ("pg_loss", "clip_frac", "kl_mean", "ratio_min", "ratio_mean",
-                                                    "ratio_max", "entropy_mean", "num_tokens_local")}
-    # one [chunk, V] tile of logits (and the entropy pass's temporaries) within the device's budget
-    # rows of one [chunk, V] logits tile: at 8 bytes an element, the tile and the epilogue's fp32 temporaries
-    # (about 11 bytes an element on CPU, measured) stay near the device's budget
+                                                    "ratio_max", "entropy_mean", "num_tokens_local")} | is_metrics
+    old = old_logp[m] if old_logp is not None else None
+    ref = ref_logp[m] if ref_logp is not None else None
+    # rows of one [chunk, V] logits tile: at 8 bytes an element, the tile and the epilogue's fp32
+    # temporaries (about 11 bytes an element on CPU, measured) stay near the device's budget
     if chunk is None:
         chunk = chunk_rows(N, weight.shape[0], 8, chunk_budget(hidden.device))
     metrics: dict[str, Tensor] = {}
-    loss = _FusedLinearGRPO.apply(hidden, weight, targets, old_logp, ref_logp, advantages, token_weight, cfg,
-                                  temperature, ignore_index, max(1, chunk), backend, metrics)
-    return loss, metrics
+    loss = _FusedLinearGRPO.apply(hidden, weight, targets, old, ref, adv, w, cfg, temperature, ignore_index,
+                                  max(1, chunk), backend, metrics)
+    return loss, {**metrics, **is_metrics}

@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import GRPO_KL_TYPES, GRPO_LOSS_AGGS, GRPO_METRICS, KLType, LossAgg, grpo_loss_ref
+from .reference import (GRPO_KL_TYPES, GRPO_LOSS_AGGS, GRPO_METRICS, IS_MODES, ISMode, KLType, LossAgg, grpo_loss_ref,
+                        rollout_is_weights)
 from .utils import check_backend, row_launch_settings
 
 __all__ = ["GRPOLossConfig", "grpo_loss", "grpo_advantages"]
@@ -52,6 +53,10 @@ class GRPOLossConfig:
     entropy_coef: float = 0.0         # alpha; the bonus enters the loss as -alpha * entropy
     loss_agg: LossAgg = "token-mean"
     norm_len: int | None = None       # L of seq-mean-token-sum-norm (Dr. GRPO); None: the T of the call
+    # rollout / trainer mismatch: truncated importance weights between the trainer's (old) and the
+    # rollout engine's log-probs on the policy-gradient term (reference.rollout_is_weights)
+    is_mode: ISMode = "off"           # off | token_tis | seq_tis | seq_mask ("auto": for the run config)
+    is_cap: float = 2.0               # the weights' cap C
 
     def __post_init__(self) -> None:
         self.validate()
@@ -72,6 +77,8 @@ class GRPOLossConfig:
         need(self.loss_agg in GRPO_LOSS_AGGS, "loss_agg", f"must be one of {GRPO_LOSS_AGGS}")
         need(self.norm_len is None or (isinstance(self.norm_len, int) and self.norm_len > 0), "norm_len",
              "must be None or a positive int")
+        need(self.is_mode in IS_MODES, "is_mode", f"must be one of {IS_MODES}")
+        need(math.isfinite(self.is_cap) and self.is_cap >= 1.0, "is_cap", "must be >= 1")
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,6 +480,7 @@ def grpo_loss(
     num_tokens: float | Tensor | None = None,
     num_seqs: float | Tensor | None = None,
     backend: str = "auto",
+    rollout_logp: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss (fp32 scalar) and detached fp32 metrics from one pass over [B, T] log-probs.
 
@@ -484,8 +492,39 @@ def grpo_loss(
 
     Metrics: pg_loss (same aggregation as the loss), clip_frac, kl_mean, ratio_min/mean/max and
     entropy_mean (when entropy is given) over the masked tokens of this call, and num_tokens_local.
+
+    cfg.is_mode != "off" needs rollout_logp [B, T], the rollout engine's log-probs of the sampled
+    tokens: each token's policy-gradient term is weighted by `rollout_is_weights(old, rollout, ...)`
+    (old: old_logp, or logp.detach() on-policy), which adds rollout_kl, is_weight_mean/max and
+    is_clipped_frac to the metrics. The weight is folded into a per-token advantage: the term is
+    linear in A for a fixed clip branch, and the branch depends on A's sign only.
     """
     _check_inputs(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, num_tokens, num_seqs)
+    advantages, is_metrics = apply_rollout_is(logp, old_logp, rollout_logp, advantages, mask, cfg)
+    loss, metrics = _grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, num_tokens, num_seqs,
+                               backend)
+    return loss, {**metrics, **is_metrics}
+
+
+def apply_rollout_is(logp: Tensor, old_logp: Tensor | None, rollout_logp: Tensor | None, advantages: Tensor,
+                     mask: Tensor, cfg: GRPOLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Advantages [B, T] weighted by the rollout importance weights, and their metrics; unchanged
+    (and no metrics) with cfg.is_mode == "off"."""
+    if cfg.is_mode == "off":
+        return advantages, {}
+    if cfg.is_mode == "auto":
+        raise ValueError("is_mode: 'auto' must be resolved to a mode before the loss (the run config does)")
+    if rollout_logp is None or tuple(rollout_logp.shape) != tuple(mask.shape):
+        raise ValueError(f"rollout_logp: is_mode={cfg.is_mode!r} needs the rollout log-probs as [B, T] = "
+                         f"{list(mask.shape)}, got {None if rollout_logp is None else list(rollout_logp.shape)}")
+    old = old_logp if old_logp is not None else logp.detach()
+    w, metrics = rollout_is_weights(old, rollout_logp, mask, cfg.is_mode, cfg.is_cap)
+    adv = advantages.detach().float()
+    adv = adv[:, None] * w if adv.dim() == 1 else adv * w
+    return adv, metrics
+
+
+def _grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, num_tokens, num_seqs, backend):
     if check_backend(backend, logp, "logp") == "torch":
         return grpo_loss_ref(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, num_tokens, num_seqs)
 

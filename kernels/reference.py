@@ -292,8 +292,11 @@ def logprob_from_logits_ref(
 
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 KLType = Literal["k1", "k2", "k3"]
+# rollout / trainer mismatch correction; "auto" is resolved by the run config from the rollout engine
+ISMode = Literal["auto", "off", "token_tis", "seq_tis", "seq_mask"]
 GRPO_LOSS_AGGS = get_args(LossAgg)
 GRPO_KL_TYPES = get_args(KLType)
+IS_MODES = get_args(ISMode)
 # Clamps shared with the Triton kernel: log-ratio and k3 input to +-20, k3 output to +-10.
 GRPO_LOG_RATIO_CLAMP = 20.0
 GRPO_K3_INPUT_CLAMP = 20.0
@@ -418,3 +421,44 @@ def grpo_row_weights_ref(
     denom = torch.as_tensor(denom, dtype=torch.float32, device=row_count.device)
     inv_denom = torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, 1.0), 0.0)
     return u, inv_denom
+
+
+# --------------------------------------------------------------------------------------------
+# Rollout / trainer mismatch correction
+# --------------------------------------------------------------------------------------------
+
+
+def rollout_is_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, mode: str, cap: float
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Truncated importance weights [B, T] between the trainer's (old) and the rollout engine's
+    log-probs of the sampled tokens, and their metrics.
+
+    With delta = old - rollout per token (log pi_trainer / pi_rollout on the rollout's samples):
+      token_tis  w_t = min(exp(delta_t), cap)
+      seq_tis    w_b = min(exp(sum_t delta_t), cap), one weight per sequence (verl's rollout_is)
+      seq_mask   w_b = 1 where exp(sum_t delta_t) <= cap, else 0 (the sequence is dropped)
+    The weight multiplies the token's policy-gradient term, which is linear in the advantage for a
+    fixed clip branch, so it is applied as a per-token advantage. Metrics: rollout_kl, the k3
+    estimate of KL(rollout || trainer) per token; is_weight_mean / is_weight_max over tokens;
+    is_clipped_frac, the fraction of tokens (token_tis) or sequences whose weight was capped or masked.
+    """
+    m = mask != 0
+    mf = m.float()
+    delta = (old_logp.detach().float() - rollout_logp.detach().float()).masked_fill(~m, 0.0)
+    delta = delta.clamp(-GRPO_LOG_RATIO_CLAMP, GRPO_LOG_RATIO_CLAMP)
+    n_tok = mf.sum().clamp(min=1.0)
+    has = m.any(dim=1)
+    if mode == "token_tis":
+        raw = delta.exp()
+        w = raw.clamp(max=cap)
+        clipped = ((raw > cap) & m).float().sum() / n_tok
+    else:
+        raw_seq = delta.sum(dim=1).clamp(-GRPO_LOG_RATIO_CLAMP, GRPO_LOG_RATIO_CLAMP).exp()  # (B,)
+        w_seq = raw_seq.clamp(max=cap) if mode == "seq_tis" else (raw_seq <= cap).float()
+        w = w_seq[:, None].expand_as(delta)
+        clipped = ((raw_seq > cap) & has).float().sum() / has.float().sum().clamp(min=1.0)
+    w = w * mf
+    k3 = (delta.exp() - delta - 1.0) * mf
+    metrics = {"rollout_kl": k3.sum() / n_tok, "is_weight_mean": w.sum() / n_tok,
+               "is_weight_max": w.max() if m.any() else w.new_zeros(()), "is_clipped_frac": clipped}
+    return w, {k: v.detach().float() for k, v in metrics.items()}

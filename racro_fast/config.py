@@ -126,8 +126,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     # the paper's loss: clip 0.2/0.2, k3 (low_var_kl) KL to the reference as a loss term with
     # coefficient 0.001 (0 drops the reference model), token-mean; loss.norm_len defaults to
-    # rollout.max_caption_tokens
-    loss: GRPOLossConfig = field(default_factory=lambda: GRPOLossConfig(kl_coef=0.001))
+    # rollout.max_caption_tokens; loss.is_mode "auto" is token_tis with vLLM rollouts (other kernels
+    # and precision than the trainer's) and off with HF generate (the trainer's own weights and numerics)
+    loss: GRPOLossConfig = field(default_factory=lambda: GRPOLossConfig(kl_coef=0.001, is_mode="auto"))
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
@@ -245,6 +246,8 @@ def validate(cfg: Config) -> Config:
     need(t.grad_clip > 0, "train.grad_clip", "must be > 0")
     if cfg.loss.norm_len is None:
         cfg.loss.norm_len = r.max_caption_tokens
+    if cfg.loss.is_mode == "auto":
+        cfg.loss.is_mode = "off" if r.engine == "hf" else "token_tis"
     try:
         cfg.loss.validate()
     except ValueError as e:

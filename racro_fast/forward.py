@@ -27,6 +27,7 @@ class Sample:
     adv: float = 0.0
     old_logp: torch.Tensor | None = None  # (len(input_ids) - 1,) fp32, set before the update
     ref_logp: torch.Tensor | None = None
+    rollout_logp: torch.Tensor | None = None  # the same layout: the engine's log-probs of the caption, 0 before it
 
 
 def collate(samples: list[Sample], pad_id: int, device: torch.device) -> dict:

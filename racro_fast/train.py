@@ -44,7 +44,8 @@ from racro_fast.data import RowDataset, RowStream
 from racro_fast.engines import (GenOutput, GenRequest, HFEngine, ReasonerError, ReasonerServer, SamplingConfig,
                                 ServerEngine, VLLMEngine, push_weights)
 from racro_fast.forward import Sample, caption_hidden, collate, fill_logprobs, pad_per_token
-from racro_fast.kernels import fused_linear_grpo, grpo_advantages, grpo_token_weights
+from racro_fast.kernels import fused_linear_grpo, grpo_advantages
+from racro_fast.metrics import MetricsLog
 from racro_fast.models import load_captioner, load_processors, load_reasoner
 from racro_fast.prompts import (CaptionerInputs, build_captioner_inputs, captioner_messages, clean_problem,
                                 reasoner_messages, text_prompt_ids)
@@ -69,6 +70,9 @@ def cut_at_vision_tokens(out, vision_ids: set[int], tokenizer) -> bool:
 
 # ----------------------------------------------------------------------------- update
 
+# update metrics averaged over tokens (weighted by each micro-batch's token count)
+TOKEN_MEANS = ("clip_frac", "kl_mean", "ratio_mean", "entropy_mean", "rollout_kl", "is_weight_mean", "is_clipped_frac")
+
 def policy_update(backend, model, optimizer, samples: list[Sample], cfg: Config, pad_id: int, device) -> dict:
     """One optimizer step over `samples` (one mini-batch), split into micro-batches.
 
@@ -89,13 +93,13 @@ def policy_update(backend, model, optimizer, samples: list[Sample], cfg: Config,
         batch = collate(mb, pad_id, device)
         mask = batch["mask"]  # (B, T-1)
         h, y = caption_hidden(model, batch)  # (N, D), (N,)
-        old = pad_per_token([s.old_logp for s in mb], mask.shape[1], device)[mask] if mb[0].old_logp is not None else None
-        ref = pad_per_token([s.ref_logp for s in mb], mask.shape[1], device)[mask] if mb[0].ref_logp is not None else None
-        adv = torch.tensor([s.adv for s in mb], dtype=torch.float32, device=device)[:, None].expand_as(mask)[mask]
-        w = grpo_token_weights(mask, cfg.loss, num_tokens=max(n_tokens, 1.0), num_seqs=max(n_seqs, 1.0))[mask]
+        per_token = {k: pad_per_token([getattr(s, k) for s in mb], mask.shape[1], device)
+                     if getattr(mb[0], k) is not None else None for k in ("old_logp", "ref_logp", "rollout_logp")}
+        adv = torch.tensor([s.adv for s in mb], dtype=torch.float32, device=device)  # (B,)
         # the loss with dh and dW computed in this call: three GEMMs of the [N, D] x [D, V] size
-        loss, metrics = fused_linear_grpo(h, model.lm_head.weight, y, old, ref, adv, w, cfg.loss,
-                                          cfg.rollout.temperature)
+        loss, metrics = fused_linear_grpo(h, model.lm_head.weight, y, per_token["old_logp"], per_token["ref_logp"], adv,
+                                          mask, cfg.loss, cfg.rollout.temperature, max(n_tokens, 1.0),
+                                          max(n_seqs, 1.0), rollout_logp=per_token["rollout_logp"])
         # every rank must take the same branch, or one waits forever in the others' collectives
         if dist.all_reduce_sum([0.0 if torch.isfinite(loss) else 1.0])[0] > 0:
             finite = False
@@ -104,19 +108,23 @@ def policy_update(backend, model, optimizer, samples: list[Sample], cfg: Config,
         w = float(metrics["num_tokens_local"])
         weight += w
         sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-        for k in ("clip_frac", "kl_mean", "ratio_mean", "entropy_mean", "pg_loss"):
+        for k in TOKEN_MEANS + ("pg_loss",):
             if k in metrics:
                 sums[k] = sums.get(k, 0.0) + float(metrics[k]) * (w if k != "pg_loss" else 1.0)
         sums["ratio_min"] = min(sums.get("ratio_min", math.inf), float(metrics["ratio_min"]))
-        sums["ratio_max"] = max(sums.get("ratio_max", -math.inf), float(metrics["ratio_max"]))
+        for k in ("ratio_max", "is_weight_max"):
+            if k in metrics:
+                sums[k] = max(sums.get(k, -math.inf), float(metrics[k]))
     # token-weighted means over all ranks; the loss is already a share of the global loss, so it sums
-    keys = [k for k in sums if k not in ("ratio_min", "ratio_max")]
+    extremes = ("ratio_min", "ratio_max", "is_weight_max")
+    keys = [k for k in sums if k not in extremes]
     reduced = dict(zip(keys + ["_weight"], dist.all_reduce_sum([sums[k] for k in keys] + [weight])))
     weight = reduced.pop("_weight")
-    out = {k: v / weight if k in ("clip_frac", "kl_mean", "ratio_mean", "entropy_mean") and weight else v
-           for k, v in reduced.items()}
-    if "ratio_max" in sums:
-        out["ratio_max"] = dist.all_reduce_max(sums["ratio_max"])
+    out = {k: v / weight if k in TOKEN_MEANS and weight else v for k, v in reduced.items()}
+    for k in ("ratio_max", "is_weight_max"):
+        if k in sums:
+            out[k] = dist.all_reduce_max(sums[k])
+    if "ratio_min" in sums:
         out["ratio_min"] = dist.all_reduce_min(sums["ratio_min"])
     grad_norm = backend.clip_grad_norm(model, cfg.train.grad_clip) if finite else float("nan")
     out["grad_norm"] = float(grad_norm)
@@ -417,9 +425,11 @@ def make_samples(cfg: Config, policy: Policy, inputs: list[CaptionerInputs], ro:
     """One training sample per caption, with reference (and, for several updates, old) log-probs."""
     G = cfg.rollout.group_size
     samples = [Sample(cap.prompt_ids + list(c.token_ids), len(cap.prompt_ids), cap.pixel_values, cap.image_grid_thw,
-                      float(ro.adv[q * G + g]))
+                      float(ro.adv[q * G + g]), rollout_logp=None if cfg.loss.is_mode == "off"
+                      else torch.cat([torch.zeros(len(cap.prompt_ids) - 1), torch.tensor(c.logprobs)]))
                for q, cap in enumerate(inputs) for g, c in enumerate(ro.captions[q])]
-    if updates_per_step > 1:
+    # the importance weights compare the trainer's log-probs before the update with the engine's
+    if updates_per_step > 1 or cfg.loss.is_mode != "off":
         fill_logprobs(policy.backend, policy.model, samples, "old_logp", cfg.train.micro_batch,
                       cfg.rollout.temperature, policy.pad_id, device)
     if policy.ref is not None:
@@ -483,46 +493,6 @@ def log_step(step: int, ro: Rollout, upd: dict, phases: Phases, gauges: dict, t0
         "reward_errors": scorer.n_error, "reward_timeouts": scorer.n_timeout,
         "rows_skipped": sum(dataset.skipped.values()), "peak_mem_gb": peak / 2 ** 30,
     }
-
-
-class MetricsLog:
-    """metrics.jsonl (flushed per step), TensorBoard / W&B when configured, a progress bar; rank 0 only."""
-
-    def __init__(self, cfg: Config, out_dir: Path, start_step: int) -> None:
-        self.on = dist.rank() == 0
-        self.sinks, self.pbar, self.file = [], None, None
-        if not self.on:
-            return
-        self.file = open(out_dir / "metrics.jsonl", "a")
-        if cfg.run.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            tb = SummaryWriter(str(out_dir / "tb"))
-            self.sinks.append(lambda m: [tb.add_scalar(k, v, m["step"]) for k, v in m.items() if k != "step"])
-        if cfg.run.wandb_project:
-            import wandb
-            run = wandb.init(project=cfg.run.wandb_project, config=cfg.to_dict(), dir=str(out_dir))
-            self.sinks.append(lambda m: run.log(m, step=m["step"]))
-        if cfg.run.progress:
-            from tqdm.auto import tqdm
-            self.pbar = tqdm(total=cfg.train.steps, initial=start_step, desc="grpo", dynamic_ncols=True)
-
-    def write(self, m: dict) -> None:
-        if not self.on:
-            return
-        self.file.write(json.dumps(m) + "\n")
-        self.file.flush()
-        for sink in self.sinks:
-            sink(m)
-        if self.pbar is not None:
-            self.pbar.update(1)
-            self.pbar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m.get('kl_mean', 0):.4f}",
-                                  len=f"{m['caption_len_mean']:.1f}")
-
-    def close(self) -> None:
-        if self.pbar is not None:
-            self.pbar.close()
-        if self.file is not None:
-            self.file.close()
 
 
 def save(cfg: Config, out_dir: Path, step: int, policy: Policy, stream: RowStream) -> None:

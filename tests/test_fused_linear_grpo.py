@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import assert_close
 
-from racro_fast.kernels import GRPOLossConfig, fused_linear_grpo, grpo_loss, grpo_token_weights
+from racro_fast.kernels import GRPOLossConfig, fused_linear_grpo, grpo_loss
 
 IGNORE = -100
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
@@ -34,7 +34,7 @@ def make_case(B=3, T=9, D=32, V=101, seed=0, dtype=torch.float32, n_ignored=0):
     return mask, h.to(dtype), W.to(dtype), y, old, ref, adv
 
 
-def unfused(mask, h, W, y, old, ref, adv, cfg, t, num_tokens, num_seqs):
+def unfused(mask, h, W, y, old, ref, adv, cfg, t, num_tokens, num_seqs, rollout=None):
     """Ground truth: full fp64 logits, log-softmax, grpo_loss on the padded layout."""
     h = h.double().detach().requires_grad_()
     W = W.double().detach().requires_grad_()
@@ -48,20 +48,17 @@ def unfused(mask, h, W, y, old, ref, adv, cfg, t, num_tokens, num_seqs):
     L = torch.zeros(mask.shape, dtype=torch.float64).masked_scatter(mask, lp)
     E = torch.zeros(mask.shape, dtype=torch.float64).masked_scatter(mask, H)
     loss, metrics = grpo_loss(L.float(), old, ref if cfg.kl_coef > 0 else None, adv, m, cfg, entropy=E.float(),
-                              num_tokens=num_tokens, num_seqs=num_seqs, backend="torch")
+                              num_tokens=num_tokens, num_seqs=num_seqs, backend="torch", rollout_logp=rollout)
     gh, gW = torch.autograd.grad(loss, (h, W))
     return loss, metrics, gh, gW, m
 
 
-def fused(mask, h, W, y, old, ref, adv, cfg, t, num_tokens, num_seqs, backend, chunk=None, scale=1.0):
-    B, T = mask.shape
-    valid_mask = mask.clone()
-    valid_mask[mask] = y != IGNORE
-    w = grpo_token_weights(valid_mask, cfg, num_tokens, num_seqs)[mask]
+def fused(mask, h, W, y, old, ref, adv, cfg, t, num_tokens, num_seqs, backend, chunk=None, scale=1.0,
+          rollout=None):
     h = h.detach().requires_grad_()
     W = W.detach().requires_grad_()
-    loss, metrics = fused_linear_grpo(h, W, y, old[mask], ref[mask] if cfg.kl_coef > 0 else None,
-                                      adv[:, None].expand(B, T)[mask], w, cfg, t, backend=backend, chunk=chunk)
+    loss, metrics = fused_linear_grpo(h, W, y, old, ref if cfg.kl_coef > 0 else None, adv, mask, cfg, t,
+                                      num_tokens, num_seqs, rollout_logp=rollout, backend=backend, chunk=chunk)
     (loss * scale).backward()
     return loss, metrics, h.grad / scale, W.grad / scale
 
@@ -116,12 +113,29 @@ def test_three_gemms():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("is_mode", ["token_tis", "seq_tis", "seq_mask"])
+def test_rollout_is_matches_grpo_loss(backend, is_mode):
+    """The rollout importance weights give the fused op what they give grpo_loss, metrics included."""
+    cfg = GRPOLossConfig(kl_coef=0.01, entropy_coef=0.01, is_mode=is_mode, is_cap=1.5)
+    mask, h, W, y, old, ref, adv = make_case(seed=11)
+    rollout = old + 0.3 * torch.randn(mask.shape, generator=torch.Generator().manual_seed(2))
+    loss_r, m_r, gh_r, gW_r, _ = unfused(mask, h, W, y, old, ref, adv, cfg, 1.0, None, None, rollout)
+    loss, m, gh, gW = fused(mask, h, W, y, old, ref, adv, cfg, 1.0, None, None, backend, chunk=5, rollout=rollout)
+    assert_close(loss, loss_r, 1e-5, "loss")
+    assert_close(gh, gh_r, 1e-5 * gh_r.abs().max().item(), "dhidden")
+    assert_close(gW, gW_r, 1e-5 * gW_r.abs().max().item(), "dweight")
+    assert {"rollout_kl", "is_weight_mean", "is_weight_max", "is_clipped_frac"} <= set(m)
+    for k, v in m_r.items():
+        assert_close(m[k], v, 1e-5 * max(1.0, v.abs().item()), f"metric {k}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_tokens(backend):
     h = torch.zeros(0, 16, requires_grad=True)
     W = torch.randn(30, 16, requires_grad=True)
-    e = torch.zeros(0)
-    loss, metrics = fused_linear_grpo(h, W, torch.zeros(0, dtype=torch.long), None, None, e, e, GRPOLossConfig(),
-                                      backend=backend)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    loss, metrics = fused_linear_grpo(h, W, torch.zeros(0, dtype=torch.long), None, None, torch.zeros(2), mask,
+                                      GRPOLossConfig(), backend=backend)
     loss.backward()
     assert loss.item() == 0.0 and metrics["num_tokens_local"].item() == 0
     assert h.grad.shape == (0, 16) and W.grad.abs().max().item() == 0.0
@@ -129,14 +143,17 @@ def test_no_tokens(backend):
 
 @pytest.mark.parametrize("change, match", [
     (dict(targets=torch.zeros(3, dtype=torch.long)), "targets"),
-    (dict(token_weight=torch.ones(2, 2)), "token_weight"),
+    (dict(ref_logp=torch.zeros(4)), "ref_logp"),
     (dict(ref_logp=None), "ref_logp"),
     (dict(weight=torch.zeros(30, 8)), "weight"),
+    (dict(advantages=torch.zeros(3)), "advantages"),
+    (dict(cfg=GRPOLossConfig(is_mode="seq_tis")), "old_logp"),
+    (dict(cfg=GRPOLossConfig(is_mode="token_tis"), old_logp=torch.zeros(2, 2)), "rollout_logp"),
 ])
 def test_rejects(change, match):
-    N = 4
-    args = dict(hidden=torch.zeros(N, 16), weight=torch.zeros(30, 16), targets=torch.zeros(N, dtype=torch.long),
-                old_logp=None, ref_logp=torch.zeros(N), advantages=torch.zeros(N), token_weight=torch.ones(N),
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    args = dict(hidden=torch.zeros(4, 16), weight=torch.zeros(30, 16), targets=torch.zeros(4, dtype=torch.long),
+                old_logp=None, ref_logp=torch.zeros(2, 2), advantages=torch.zeros(2), mask=mask,
                 cfg=GRPOLossConfig(kl_coef=0.1))
     args.update(change)
     with pytest.raises(ValueError, match=match):

@@ -144,3 +144,18 @@ def test_caption_cut_at_vision_token(tiny_tokenizer_dir):
     assert cut_at_vision_tokens(out, {pad}, tok)
     assert out.token_ids == ids and len(out.logprobs) == len(ids) and out.text == "There are"
     assert not cut_at_vision_tokens(out, {pad}, tok)
+
+
+def test_rollout_importance_weights_in_the_loop(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
+    """With HF rollouts the engine's sampled-token log-probs are the trainer's own (same weights and
+    numerics), so the correction must find nothing to correct: KL(rollout || trainer) ~ 0 and
+    weights ~ 1. This is what ties the engine's log-prob convention to the loss's."""
+    cfg = tiny_cfg(tmp_path / "run", tiny_captioner_dir, tiny_reasoner_dir, 2, "loss.is_mode=seq_tis",
+                   "run.save_every=0")
+    assert load_config(ROOT / "configs" / "demo_cpu.yaml").loss.is_mode == "off", "auto: off with HF rollouts"
+    assert load_config(ROOT / "configs" / "qwen25vl_7b_r1_7b.yaml").loss.is_mode == "token_tis", "auto: on with vLLM"
+    history = train(cfg)["history"]
+    for m in history:
+        assert m["rollout_kl"] < 1e-4, m
+        assert abs(m["is_weight_mean"] - 1.0) < 1e-3 and m["is_weight_max"] < 1.01, m
+        assert m["is_clipped_frac"] == 0.0, m

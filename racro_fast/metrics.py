@@ -1,0 +1,52 @@
+"""Where the per-step metrics go: metrics.jsonl (one JSON line a step, flushed), TensorBoard and
+W&B when configured, and a progress bar; rank 0 only (the metrics arrive already reduced over ranks).
+
+    metrics = MetricsLog(cfg, out_dir, start_step); metrics.write(m); metrics.close()
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from racro_fast import dist
+from racro_fast.config import Config
+
+
+class MetricsLog:
+    """metrics.jsonl (flushed per step), TensorBoard / W&B when configured, a progress bar; rank 0 only."""
+
+    def __init__(self, cfg: Config, out_dir: Path, start_step: int) -> None:
+        self.on = dist.rank() == 0
+        self.sinks, self.pbar, self.file = [], None, None
+        if not self.on:
+            return
+        self.file = open(out_dir / "metrics.jsonl", "a")
+        if cfg.run.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(str(out_dir / "tb"))
+            self.sinks.append(lambda m: [tb.add_scalar(k, v, m["step"]) for k, v in m.items() if k != "step"])
+        if cfg.run.wandb_project:
+            import wandb
+            run = wandb.init(project=cfg.run.wandb_project, config=cfg.to_dict(), dir=str(out_dir))
+            self.sinks.append(lambda m: run.log(m, step=m["step"]))
+        if cfg.run.progress:
+            from tqdm.auto import tqdm
+            self.pbar = tqdm(total=cfg.train.steps, initial=start_step, desc="grpo", dynamic_ncols=True)
+
+    def write(self, m: dict) -> None:
+        if not self.on:
+            return
+        self.file.write(json.dumps(m) + "\n")
+        self.file.flush()
+        for sink in self.sinks:
+            sink(m)
+        if self.pbar is not None:
+            self.pbar.update(1)
+            self.pbar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m.get('kl_mean', 0):.4f}",
+                                  len=f"{m['caption_len_mean']:.1f}")
+
+    def close(self) -> None:
+        if self.pbar is not None:
+            self.pbar.close()
+        if self.file is not None:
+            self.file.close()
