@@ -26,7 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import measure, run_benchmark  # noqa: E402
+from common import measure, peak_text, run_benchmark  # noqa: E402
 
 KERNEL = "fused_linear_logprob"
 PROVIDERS = ("ours", "torch", "compile", "liger", "liger_grpo")
@@ -131,10 +131,6 @@ def derive(r: dict) -> None:
     r["extra_mb"] = r["peak_mb"] - r["io_mb"]
     if "gemm_ms" in r:
         r["vs_4gemm"] = r["ms"] / (4 * r["gemm_ms"])
-
-
-def peak_text(o: dict, t: dict) -> str:
-    return f"{o['peak_mb'] / max(t['peak_mb'], 1e-9):.1%} ({o['peak_mb']:.0f} vs {t['peak_mb']:.0f} MiB)"
 
 
 def gemm_lines(sel: dict[str, dict]) -> list[str]:

@@ -196,6 +196,11 @@ def append_rows(csv_path: str, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def peak_text(ours: dict, other: dict) -> str:
+    """Our peak memory as a share of another provider's, for the ratio lines."""
+    return f"{ours['peak_mb'] / max(other['peak_mb'], 1e-9):.1%} ({ours['peak_mb']:.0f} vs {other['peak_mb']:.0f} MiB)"
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     def fmt(v: object) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)

@@ -80,3 +80,16 @@ def test_liger_grpo_loss_matches_ours():
                                x["logp"].detach().clamp(max=-1e-6), rtol=1e-5, atol=1e-5)
     loss = bench_grpo.make_provider("liger", x, cfg, liger_vocab=8, interpreted=True)()
     torch.testing.assert_close(loss, grpo_loss(cfg=cfg, **x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_linear_grpo_providers_compute_one_loss(lm_head):
+    """Every provider of bench_fused_linear_grpo gives the same loss (-1: on-policy, ratio 1, A = 1)
+    and the same gradients, those of -mean(logp)."""
+    import bench_fused_linear_grpo as bench_fg
+    h, W, y = lm_head
+    want_grads = torch.autograd.grad(-fused_linear_logprob(h, W, y)[0].mean(), (h, W))
+    for name in ("ours", "two_ops", "torch", "liger_grpo"):
+        loss = bench_fg.make_provider(name, h, W, y)()
+        torch.testing.assert_close(loss, torch.tensor(-1.0), rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        for g, w in zip(torch.autograd.grad(loss, (h, W)), want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
