@@ -653,6 +653,11 @@ class ServerEngine:
 
     def _fail(self, what: str, e: Exception) -> ReasonerError:
         if self.server is not None:
+            import subprocess
+            try:  # a reset or refused connection is often the server dying: let it finish, then say so
+                self.server.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
             try:
                 self.server.check_alive()
             except ReasonerError as dead:
