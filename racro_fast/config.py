@@ -94,6 +94,7 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: float = 1.0
     scale_adv_by_std: bool = True  # False: Dr. GRPO advantages
+    min_caption_tokens: int = 0  # captions shorter than this score 0 (a floor against collapse; 0 = off, as in the paper)
     seed: int = 0
 
 
@@ -244,6 +245,7 @@ def validate(cfg: Config) -> Config:
     need(0 <= t.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
     need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     need(t.grad_clip > 0, "train.grad_clip", "must be > 0")
+    need(t.min_caption_tokens >= 0, "train.min_caption_tokens", "must be >= 0 (0: off)")
     if cfg.loss.norm_len is None:
         cfg.loss.norm_len = r.max_caption_tokens
     if cfg.loss.is_mode == "auto":

@@ -50,3 +50,25 @@ class MetricsLog:
             self.pbar.close()
         if self.file is not None:
             self.file.close()
+
+
+def collapse_signal(history: list[dict], window: int = 10) -> str:
+    """Why the policy looks like it is collapsing, or "": over the last `window` steps the mean caption
+    length or the entropy fell below a quarter of what it was over the first `window` steps, while
+    the reward did not rise (by more than 0.05) above its level there."""
+    if len(history) < 2 * window:
+        return ""
+    first, last = history[:window], history[-window:]
+
+    def mean(rows: list[dict], key: str) -> float:
+        return sum(r.get(key, 0.0) for r in rows) / len(rows)
+
+    if mean(last, "reward_mean") > mean(first, "reward_mean") + 0.05:
+        return ""
+    for key, label in (("caption_len_mean", "the mean caption length"), ("entropy_mean", "the entropy")):
+        before, now = mean(first, key), mean(last, key)
+        if before > 0 and now < 0.25 * before:
+            return (f"{label} fell from {before:.3g} to {now:.3g} while the reward stayed at "
+                    f"{mean(last, 'reward_mean'):.3f} (train.min_caption_tokens sets a floor)")
+    return ""
+

@@ -199,6 +199,12 @@ def caption_rewards(correct: list[float], k: int) -> list[float]:
     return [sum(correct[i : i + k]) / k for i in range(0, len(correct), k)]
 
 
+def floor_short_captions(rewards: list[float], lengths: list[int], min_tokens: int) -> list[float]:
+    """train.min_caption_tokens: a caption shorter than min_tokens scores 0 whatever its answers
+    (a floor against a policy collapsing to empty captions; 0 = off)."""
+    return [0.0 if n < min_tokens else r for r, n in zip(rewards, lengths)]
+
+
 # --------------------------------------------------------------------------- scorer
 
 # Worker -> parent messages: ("ready",), ("ok", i, value), ("error", i, text). A worker streams

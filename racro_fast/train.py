@@ -45,11 +45,11 @@ from racro_fast.engines import (GenOutput, GenRequest, HFEngine, ReasonerError, 
                                 ServerEngine, VLLMEngine, push_weights)
 from racro_fast.forward import Sample, caption_hidden, collate, fill_logprobs, pad_per_token
 from racro_fast.kernels import fused_linear_grpo, grpo_advantages
-from racro_fast.metrics import MetricsLog
+from racro_fast.metrics import MetricsLog, collapse_signal
 from racro_fast.models import load_captioner, load_processors, load_reasoner
 from racro_fast.prompts import (CaptionerInputs, build_captioner_inputs, captioner_messages, clean_problem,
                                 reasoner_messages, text_prompt_ids)
-from racro_fast.rewards import RewardScorer, caption_rewards
+from racro_fast.rewards import RewardScorer, caption_rewards, floor_short_captions
 
 log = logging.getLogger("racro_fast.train")
 
@@ -393,7 +393,9 @@ def rollout(cfg: Config, step: int, rows, inputs: list[CaptionerInputs], engines
     with phases("reward"):
         correct = engines.scorer.score([a.text for outs in answers for a in outs],
                                        [rows[i // (G * k)].answer for i in range(Q * G * k)])
-        rewards = torch.tensor(caption_rewards(correct, k), dtype=torch.float32)  # (Q*G,)
+        rewards = floor_short_captions(caption_rewards(correct, k), [len(c.token_ids) for qs in captions for c in qs],
+                                       cfg.train.min_caption_tokens)
+        rewards = torch.tensor(rewards, dtype=torch.float32)  # (Q*G,)
         adv = grpo_advantages(rewards, G, scale_by_std=cfg.train.scale_adv_by_std)  # (Q*G,)
     return Rollout(captions, answers, correct, rewards, adv, n_cut)
 
@@ -555,6 +557,10 @@ def train(cfg: Config) -> dict:
                 upd = update(cfg, policy, samples, device, updates_per_step)
             parallel.memory_gauge("step", gauges)
             m = log_step(step, ro, upd, phases, gauges, t0, policy, dataset, engines.scorer, cfg.rollout.group_size, device)
+            why = collapse_signal(history + [m])
+            if why and not (history and history[-1]["collapse"]):
+                log.warning("step %d: the policy looks like it is collapsing: %s", step + 1, why)
+            m["collapse"] = float(bool(why))
             history.append(m)
             metrics.write(m)
             save(cfg, out_dir, step, policy, stream)

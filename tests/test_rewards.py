@@ -167,3 +167,9 @@ def test_scorer_survives_a_worker_that_dies():
         assert scorer.score(["ok", "crash", "ok"], ["x"] * 3) == [1.0, 0.0, 1.0]
         assert (scorer.n_error, scorer.n_timeout) == (1, 0)
         assert scorer.score(["ok"], ["x"]) == [1.0]
+
+
+def test_floor_short_captions():
+    from racro_fast.rewards import floor_short_captions
+    assert floor_short_captions([1.0, 0.5, 1.0, 0.0], [0, 3, 4, 9], 4) == [0.0, 0.0, 1.0, 0.0]
+    assert floor_short_captions([1.0, 0.5], [0, 1], 0) == [1.0, 0.5], "0 is off"

@@ -159,3 +159,19 @@ def test_rollout_importance_weights_in_the_loop(tmp_path, tiny_captioner_dir, ti
         assert m["rollout_kl"] < 1e-4, m
         assert abs(m["is_weight_mean"] - 1.0) < 1e-3 and m["is_weight_max"] < 1.01, m
         assert m["is_clipped_frac"] == 0.0, m
+
+
+def test_min_caption_tokens_floor(tmp_path, monkeypatch, tiny_captioner_dir, tiny_reasoner_dir):
+    """Captions shorter than train.min_caption_tokens score 0 whatever their answers. Every answer is
+    graded correct here (the grader is not what is tested), so the reward is 1 without the floor and
+    0 with a floor above the caption budget (6 tokens); the collapse metric is logged every step."""
+    from racro_fast.rewards import RewardScorer
+    monkeypatch.setattr(RewardScorer, "score", lambda self, completions, answers: [1.0] * len(completions))
+    rewards = {}
+    for floor in (0, 7):
+        cfg = tiny_cfg(tmp_path / f"run{floor}", tiny_captioner_dir, tiny_reasoner_dir, 2,
+                       f"train.min_caption_tokens={floor}", "run.save_every=0")
+        history = train(cfg)["history"]
+        rewards[floor] = [m["reward_mean"] for m in history]
+        assert all(m["collapse"] == 0.0 for m in history)
+    assert rewards == {0: [1.0, 1.0], 7: [0.0, 0.0]}, rewards
