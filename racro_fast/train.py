@@ -32,7 +32,7 @@ import random
 import resource
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -150,17 +150,16 @@ class Policy:
     image_processor: object
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    pad_id: int = field(init=False)
+    vision_ids: set[int] = field(init=False)  # placeholders never allowed inside a caption (cut_at_vision_tokens)
 
-    @property
-    def pad_id(self) -> int:
+    def __post_init__(self) -> None:
+        # once: get_vocab() builds the whole vocabulary as a dict, too slow for every caption
         tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-    @property
-    def vision_ids(self) -> set[int]:
-        """Placeholder tokens that must never appear inside a caption (see cut_at_vision_tokens)."""
-        vocab = self.tokenizer.get_vocab()
-        return {vocab[t] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>") if t in vocab}
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        vocab = tok.get_vocab()
+        self.vision_ids = {vocab[t] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+                           if t in vocab}
 
 
 @dataclass
