@@ -150,13 +150,11 @@ def fused_linear_grpo(
         raise ValueError(f"advantages must be [B] or [B, T], got {list(advantages.shape)}")
     if cfg.kl_coef > 0 and ref_logp is None:
         raise ValueError("ref_logp is None but cfg.kl_coef > 0")
-    if cfg.is_mode != "off" and old_logp is None:
-        # a sequence's weight needs all its old log-probs, but a chunk holds only some of its tokens
-        raise ValueError(f"old_logp: is_mode={cfg.is_mode!r} needs the trainer's log-probs before the update")
     valid = m.clone()
     valid[m] = targets != ignore_index
-    adv, is_metrics = apply_rollout_is(hidden.new_zeros(mask.shape, dtype=torch.float32), old_logp, rollout_logp,
-                                       advantages, valid, cfg)
+    # no on-policy fallback to logp here (grpo_loss has one): a sequence's weight needs all its
+    # log-probs, and a chunk holds only some of its tokens; apply_rollout_is refuses old_logp None
+    adv, is_metrics = apply_rollout_is(old_logp, rollout_logp, advantages, valid, cfg)
     adv = adv.float()
     adv = (adv[:, None] if adv.dim() == 1 else adv).expand(mask.shape)[m]
     w = grpo_token_weights(valid, cfg, num_tokens, num_seqs)[m]

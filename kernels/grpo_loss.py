@@ -500,25 +500,28 @@ def grpo_loss(
     linear in A for a fixed clip branch, and the branch depends on A's sign only.
     """
     _check_inputs(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, num_tokens, num_seqs)
-    advantages, is_metrics = apply_rollout_is(logp, old_logp, rollout_logp, advantages, mask, cfg)
+    old = old_logp if old_logp is not None else logp.detach()  # on-policy: the trainer's log-probs are logp
+    advantages, is_metrics = apply_rollout_is(old, rollout_logp, advantages, mask, cfg)
     loss, metrics = _grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, num_tokens, num_seqs,
                                backend)
     return loss, {**metrics, **is_metrics}
 
 
-def apply_rollout_is(logp: Tensor, old_logp: Tensor | None, rollout_logp: Tensor | None, advantages: Tensor,
-                     mask: Tensor, cfg: GRPOLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """Advantages [B, T] weighted by the rollout importance weights, and their metrics; unchanged
-    (and no metrics) with cfg.is_mode == "off"."""
+def apply_rollout_is(old_logp: Tensor | None, rollout_logp: Tensor | None, advantages: Tensor, mask: Tensor,
+                     cfg: GRPOLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Advantages [B, T] weighted by the rollout importance weights between the trainer's log-probs
+    `old_logp` [B, T] and the engine's, and their metrics; unchanged (and no metrics) with
+    cfg.is_mode == "off"."""
     if cfg.is_mode == "off":
         return advantages, {}
     if cfg.is_mode == "auto":
         raise ValueError("is_mode: 'auto' must be resolved to a mode before the loss (the run config does)")
+    if old_logp is None:
+        raise ValueError(f"old_logp: is_mode={cfg.is_mode!r} needs the trainer's log-probs")
     if rollout_logp is None or tuple(rollout_logp.shape) != tuple(mask.shape):
         raise ValueError(f"rollout_logp: is_mode={cfg.is_mode!r} needs the rollout log-probs as [B, T] = "
                          f"{list(mask.shape)}, got {None if rollout_logp is None else list(rollout_logp.shape)}")
-    old = old_logp if old_logp is not None else logp.detach()
-    w, metrics = rollout_is_weights(old, rollout_logp, mask, cfg.is_mode, cfg.is_cap)
+    w, metrics = rollout_is_weights(old_logp, rollout_logp, mask, cfg.is_mode, cfg.is_cap)
     adv = advantages.detach().float()
     adv = adv[:, None] * w if adv.dim() == 1 else adv * w
     return adv, metrics
