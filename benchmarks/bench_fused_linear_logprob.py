@@ -26,10 +26,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import measure, peak_text, run_benchmark  # noqa: E402
+from common import derive_gemm_floor, gemm_floor, gemm_floor_lines, measure, peak_text, run_benchmark  # noqa: E402
 
 KERNEL = "fused_linear_logprob"
 PROVIDERS = ("ours", "torch", "compile", "liger", "liger_grpo")
+N_GEMMS = 4  # [N, D] x [D, V] products the op cannot avoid: forward, recompute, dh, dW
 MODES = ("forward", "backward", "full")
 GPU_SHAPES = [(4096, 2048, 151936), (16384, 2048, 151936), (4096, 3584, 152064), (16384, 3584, 152064)]
 CPU_SHAPES = [(2048, 1024, 32000)]
@@ -118,28 +119,16 @@ def run_one(spec: dict) -> dict:
     out["extra_mb"] = out["peak_mb"] - out["io_mb"]
     if device.type == "cuda" and spec["provider"] == "ours" and spec["mode"] == "full":
         del fn, f
-        h2, W2 = h.detach(), W.detach()
-        gemm = measure(lambda: torch.mm(h2, W2.t()), warmup=spec["warmup"], reps=spec["reps"], device=device)
-        out["gemm_ms"] = gemm["ms"]
-        out["gemm_tflops"] = 2 * N * D * V / gemm["ms"] / 1e9
-        out["vs_4gemm"] = out["ms"] / (4 * gemm["ms"])
+        gemm_floor(out, h, W, spec, N_GEMMS)
     return out
 
 
 def derive(r: dict) -> None:
-    """Columns that follow from the medians of ms and peak_mb."""
-    r["extra_mb"] = r["peak_mb"] - r["io_mb"]
-    if "gemm_ms" in r:
-        r["vs_4gemm"] = r["ms"] / (4 * r["gemm_ms"])
+    derive_gemm_floor(r, N_GEMMS)
 
 
 def gemm_lines(sel: dict[str, dict]) -> list[str]:
-    """On CUDA: ours(full) against the 4 GEMMs it cannot avoid."""
-    if "ours" not in sel or "vs_4gemm" not in sel["ours"]:
-        return []
-    o = sel["ours"]
-    return [f"ours full = {o['vs_4gemm']:.2f}x the 4 GEMMs ({o['gemm_ms']:.2f} ms each, "
-            f"{o['gemm_tflops']:.0f} TFLOP/s), memory beyond inputs/outputs/grads {o['extra_mb']:.0f} MiB"]
+    return gemm_floor_lines(sel, N_GEMMS)
 
 
 def main() -> None:

@@ -201,6 +201,33 @@ def peak_text(ours: dict, other: dict) -> str:
     return f"{ours['peak_mb'] / max(other['peak_mb'], 1e-9):.1%} ({ours['peak_mb']:.0f} vs {other['peak_mb']:.0f} MiB)"
 
 
+def gemm_floor(out: dict, h: torch.Tensor, W: torch.Tensor, spec: dict, n_gemms: int) -> None:
+    """On CUDA: time one [N, D] x [D, V] GEMM of the shape and add gemm_ms, gemm_tflops and
+    vs_<n>gemm (the op's time over the n GEMMs it cannot avoid) to `out`."""
+    h, W = h.detach(), W.detach()
+    gemm = measure(lambda: torch.mm(h, W.t()), warmup=spec["warmup"], reps=spec["reps"], device=h.device)
+    out["gemm_ms"] = gemm["ms"]
+    out["gemm_tflops"] = 2 * h.shape[0] * h.shape[1] * W.shape[0] / gemm["ms"] / 1e9
+    derive_gemm_floor(out, n_gemms)
+
+
+def derive_gemm_floor(r: dict, n_gemms: int) -> None:
+    """extra_mb, and vs_<n>gemm recomputed from the medians where a GEMM was timed."""
+    r["extra_mb"] = r["peak_mb"] - r["io_mb"]
+    if "gemm_ms" in r:
+        r[f"vs_{n_gemms}gemm"] = r["ms"] / (n_gemms * r["gemm_ms"])
+
+
+def gemm_floor_lines(sel: dict[str, dict], n_gemms: int) -> list[str]:
+    """ours against its n GEMMs, when they were timed (CUDA)."""
+    key = f"vs_{n_gemms}gemm"
+    if "ours" not in sel or key not in sel["ours"]:
+        return []
+    o = sel["ours"]
+    return [f"ours = {o[key]:.2f}x the {n_gemms} GEMMs ({o['gemm_ms']:.2f} ms each, {o['gemm_tflops']:.0f} TFLOP/s), "
+            f"memory beyond inputs, outputs and gradients {o['extra_mb']:.0f} MiB"]
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     def fmt(v: object) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
