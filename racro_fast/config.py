@@ -113,7 +113,7 @@ class RunConfig:
 
 @dataclass
 class DistConfig:
-    backend: Literal["fsdp2", "deepspeed"] = "fsdp2"  # used only under torchrun with world size > 1
+    backend: Literal["fsdp2", "deepspeed"] = "fsdp2"  # used under torchrun (any world size); a plain process is unsharded
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     offload_optimizer: bool = True  # optimizer state to pinned CPU memory while engines generate
     weight_bucket_mb: int = 512  # size of the buckets gathered and pushed to the captioner engine

@@ -6,7 +6,7 @@
     backend.backward(model, loss, last=True); backend.clip_grad_norm(model, 1.0); backend.step(model, optimizer)
     for name, full in backend.full_state_items(model, bucket_mb=512): ...   # collective on every rank
 
-- `Single`: one process (world size 1); the CPU demo and most tests.
+- `Single`: a plain process (no torchrun, no process group); the CPU demo and most tests.
 - `FSDP2` (dist.backend=fsdp2, the default under torchrun): `fully_shard` per decoder layer and
   vision block plus the root (embeddings, final norm, lm_head, vision patch embedding and merger);
   fp32 master shards, model.dtype compute on GPU (fp32 on CPU), fp32 gradient reduction.
