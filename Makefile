@@ -1,12 +1,15 @@
-# CPU set-up, demo, tests and benchmarks in a project virtualenv (.venv). Every target installs
-# what it needs first (scripts/setup.sh; idempotent). PY picks the interpreter that creates .venv;
+# CPU set-up, demo, tests and benchmarks in a project virtualenv (.venv), with the C++ CPU kernels
+# built into build/cpu (CMakeLists.txt). Every target installs what it needs first
+# (scripts/setup.sh; idempotent). PY picks the interpreter that creates .venv;
 # TORCH_INDEX_URL where CPU torch comes from (default the PyTorch CPU wheel index).
 PY ?= python3
 VENV ?= .venv
 export PY VENV TORCH_INDEX_URL TORCH_VERSION VLLM
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench gpu-check gpu-wheels clean
+CPU_LIB := build/cpu/libracro_fast_cpu.so
+
+.PHONY: demo test bench cpu-kernels gpu-check gpu-wheels clean
 
 $(VENV)/.setup-run: setup.py scripts/setup.sh
 	bash scripts/setup.sh run
@@ -16,13 +19,20 @@ $(VENV)/.setup-dev: setup.py requirements-cpu.txt scripts/setup.sh
 	bash scripts/setup.sh dev
 	touch $@ $(VENV)/.setup-run
 
-demo: $(VENV)/.setup-run
+# The C++ CPU kernels, rebuilt when their sources change. A failed build warns and leaves no
+# library: CPU tensors then run the torch references (and the next make tries again).
+$(CPU_LIB): CMakeLists.txt $(wildcard kernels/cpu/*) | $(VENV)/.setup-run
+	bash scripts/setup.sh cpu-kernels
+
+cpu-kernels: $(CPU_LIB)
+
+demo: $(VENV)/.setup-run $(CPU_LIB)
 	$(BIN)/racro-fast demo $(ARGS)
 
-test: $(VENV)/.setup-dev
+test: $(VENV)/.setup-dev $(CPU_LIB)
 	$(BIN)/python -P -m pytest -q tests $(ARGS)
 
-bench: $(VENV)/.setup-dev
+bench: $(VENV)/.setup-dev $(CPU_LIB)
 	$(BIN)/python benchmarks/bench_fused_linear_logprob.py
 	$(BIN)/python benchmarks/bench_fused_linear_grpo.py
 	$(BIN)/python benchmarks/bench_logprob_from_logits.py

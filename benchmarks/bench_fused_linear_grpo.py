@@ -7,7 +7,9 @@ unfused paths, forward + backward.
 
 Every provider computes the same loss: on-policy GRPO (ratio 1), token-mean, no KL, advantages 1
 (Liger's "bnpo" with beta 0), so its gradient is that of -mean(logp). Providers: ours
-(kernels.fused_linear_grpo: 3 GEMMs, one [chunk, V] logits tile), two_ops (our previous update
+(kernels.fused_linear_grpo: 3 GEMMs, one [chunk, V] logits tile; on CPU its epilogue is one C++
+call per chunk), ours_torch (the same op with the torch epilogue, the CPU path without the C++
+kernels), two_ops (our previous update
 path: fused_linear_logprob + grpo_loss, 4 GEMMs), torch (eager: full logits, log_softmax in fp32,
 gather, the torch loss), compile (torch.compile of that), liger_grpo (LigerFusedLinearGRPOLoss, a
 chunked torch loop; runs on CPU too). Only the full mode (forward + backward) is measured: ours and
@@ -27,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import derive_gemm_floor, gemm_floor, gemm_floor_lines, measure, peak_text, run_benchmark  # noqa: E402
 
 KERNEL = "fused_linear_grpo"
-PROVIDERS = ("ours", "two_ops", "torch", "compile", "liger_grpo")
+PROVIDERS = ("ours", "ours_torch", "two_ops", "torch", "compile", "liger_grpo")
 N_GEMMS = 3  # [N, D] x [D, V] products the op cannot avoid: logits, dh, dW
 MODES = ("full",)
 GPU_SHAPES = [(4096, 3584, 152064), (16384, 3584, 152064)]
@@ -45,6 +47,8 @@ def make_provider(name: str, h, W, y):
     adv1 = torch.ones(1, device=h.device)
     if name == "ours":
         return lambda: fused_linear_grpo(h, W, y, None, None, adv1, mask, cfg)[0]
+    if name == "ours_torch":
+        return lambda: fused_linear_grpo(h, W, y, None, None, adv1, mask, cfg, backend="torch")[0]
     if name == "two_ops":
         return lambda: grpo_loss(fused_linear_logprob(h, W, y)[0][None], None, None, adv1, mask, cfg)[0]
 

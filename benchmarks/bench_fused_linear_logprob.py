@@ -4,8 +4,9 @@
     python benchmarks/bench_fused_linear_logprob.py --quick      # tiny smoke run
     python benchmarks/bench_fused_linear_logprob.py --shapes 2048x1024x32000 --providers ours,torch --modes full --rounds 5
 
-Providers: ours (kernels.fused_linear_logprob: Triton on CUDA, the chunked reference on CPU),
-torch (h @ W.T, log_softmax in fp32, gather), compile (torch.compile of that), liger
+Providers: ours (kernels.fused_linear_logprob: Triton on CUDA; on CPU ATen GEMMs on tiles with
+the C++ epilogues between them), ours_torch (the same op on its chunked torch reference), torch
+(h @ W.T, log_softmax in fp32, gather), compile (torch.compile of that), liger
 (LigerFusedLinearCrossEntropyLoss, sum reduction: the closest peer, it too never keeps the
 logits; CUDA only), liger_grpo (LigerFusedLinearGRPOLoss: Liger's fused linear GRPO loss, whose
 log-probs come from a sequence x vocab chunked torch loop; on-policy, no KL, so beyond the
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import derive_gemm_floor, gemm_floor, gemm_floor_lines, measure, peak_text, run_benchmark  # noqa: E402
 
 KERNEL = "fused_linear_logprob"
-PROVIDERS = ("ours", "torch", "compile", "liger", "liger_grpo")
+PROVIDERS = ("ours", "ours_torch", "torch", "compile", "liger", "liger_grpo")
 N_GEMMS = 4  # [N, D] x [D, V] products the op cannot avoid: forward, recompute, dh, dW
 MODES = ("forward", "backward", "full")
 GPU_SHAPES = [(4096, 2048, 151936), (16384, 2048, 151936), (4096, 3584, 152064), (16384, 3584, 152064)]
@@ -53,6 +54,10 @@ def make_provider(name: str, h, W, y, interpreted: bool = False):
         from racro_fast.kernels import fused_linear_logprob
 
         return lambda: fused_linear_logprob(h, W, y)[0]
+    if name == "ours_torch":
+        from racro_fast.kernels import fused_linear_logprob
+
+        return lambda: fused_linear_logprob(h, W, y, backend="torch")[0]
     if name == "torch":
         return lambda: eager_logprob(h, W, y)
     if name == "compile":

@@ -4,8 +4,7 @@
     python benchmarks/bench_grpo_loss.py --quick      # tiny smoke run
     python benchmarks/bench_grpo_loss.py --shapes 64x4096 --providers ours,torch --modes full
 
-Providers: ours (kernels.grpo_loss: Triton on CUDA, the torch reference on CPU, so on CPU it
-times the same code as `torch`), torch (kernels.reference.grpo_loss_ref, eager), compile
+Providers: ours (kernels.grpo_loss: Triton on CUDA, the C++ kernel on CPU), torch (kernels.reference.grpo_loss_ref, eager), compile
 (torch.compile of the reference), liger (liger_kernel.ops.grpo_loss, CUDA only). Liger's op
 fuses the log-softmax and so reads logits [B, T+1, V] instead of log-probs; it runs here on fp32
 logits of a vocab of --liger-vocab (default 8), built so that their log-probs are ours, so that

@@ -4,8 +4,9 @@
     python benchmarks/bench_logprob_from_logits.py --quick       # tiny smoke run
     python benchmarks/bench_logprob_from_logits.py --shapes 4096x151936 --providers ours,torch --modes nograd,full
 
-Providers: ours (kernels.logprob_from_logits: Triton on CUDA, the chunked reference on CPU),
-torch (log_softmax(logits.float()) + gather), compile (torch.compile of that), liger
+Providers: ours (kernels.logprob_from_logits: Triton on CUDA, the C++ kernel on CPU), ours_torch
+(the same op on its chunked torch reference, the CPU path without the C++ kernels), torch
+(log_softmax(logits.float()) + gather), compile (torch.compile of that), liger
 (LigerCrossEntropyLoss, sum reduction, which also writes dlogits in place; CUDA only), liger_sls
 (liger_kernel.ops.grpo_loss.fused_selective_log_softmax, Liger's no-grad log-probs for old and
 reference policies; nograd mode only, CUDA only; it reads logits [B, L+1, V] and scores the
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import measure, run_benchmark  # noqa: E402
 
 KERNEL = "logprob_from_logits"
-PROVIDERS = ("ours", "torch", "compile", "liger", "liger_sls")
+PROVIDERS = ("ours", "ours_torch", "torch", "compile", "liger", "liger_sls")
 MODES = ("nograd", "forward", "backward", "full")
 GPU_SHAPES = [(4096, 151936), (16384, 151936), (4096, 152064), (16384, 152064)]
 CPU_SHAPES = [(2048, 32000)]
@@ -50,6 +51,10 @@ def make_provider(name: str, x, y, mode: str, interpreted: bool = False):
         from racro_fast.kernels import logprob_from_logits
 
         return lambda x: logprob_from_logits(x, y)[0]
+    if name == "ours_torch":
+        from racro_fast.kernels import logprob_from_logits
+
+        return lambda x: logprob_from_logits(x, y, backend="torch")[0]
     if name == "torch":
         return lambda x: eager_logprob(x, y)
     if name == "compile":

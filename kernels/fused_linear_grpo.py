@@ -11,8 +11,9 @@ forward, so dloss/dz is known tile by tile:
 
     dz_n = [dl_n/dlogp (onehot(y_n) - p_n) - dl_n/dH p_n (z_n - E_p z_n)] w_n / t
 
-Per chunk of rows: one GEMM for the logits, `logprob_from_logits` (the Triton kernel on CUDA, the
-torch reference on CPU) for logp and H, whose backward writes dz into the logits' own storage, then
+Per chunk of rows: one GEMM for the logits, an epilogue that writes dz into the logits' own storage
+(on CPU one C++ call, `kernels/cpu/logprob.cpp` grpo_epilogue_; else `logprob_from_logits`, the
+Triton kernel on CUDA, whose backward writes dz in place, with the token terms in torch), then
 dh = dz W and dW += dz^T h: three [N, D] x [D, V] GEMMs in all, where log-probs + loss through
 autograd (`fused_linear_logprob` recomputes the logits in its backward) take four. The backward only
 scales the stored dh and dW by the upstream gradient.
@@ -28,10 +29,12 @@ import math
 import torch
 from torch import Tensor
 
+from . import cpu_ops
 from .grpo_loss import GRPOLossConfig, apply_rollout_is
 from .logprob_from_logits import logprob_from_logits
 from .reference import grpo_row_weights_ref, grpo_token_terms
-from .utils import check_float_matrix, check_temperature, chunk_budget, chunk_rows
+from .utils import (CPU_INPLACE_TILE_BYTES, check_backend, check_float_matrix, check_temperature, chunk_budget,
+                    chunk_rows)
 
 __all__ = ["fused_linear_grpo", "grpo_token_weights"]
 
@@ -44,6 +47,31 @@ def grpo_token_weights(mask: Tensor, cfg: GRPOLossConfig, num_tokens: float | No
     return m * u[:, None] * inv_denom
 
 
+def _epilogue(z: Tensor, y: Tensor, old: Tensor | None, ref: Tensor | None, adv: Tensor, w: Tensor, cfg,
+              temperature: float, ignore_index: int, backend: str) -> Tensor:
+    """Overwrite the logits chunk z [rows, V] with d(sum_n w_n l_n)/dz and return per-row terms
+    [rows, 8]: w l, w pg, clipped, kl, ratio, H, logp, valid (the metrics are sums of them)."""
+    if backend == "cpp":
+        y = y.to(torch.int64).masked_fill(y == ignore_index, -1)
+        return cpu_ops.grpo_epilogue_(z, y, temperature, old, ref, adv, w, cfg)
+    valid = y != ignore_index
+    with torch.enable_grad():
+        z.requires_grad_()
+        logp, H = logprob_from_logits(z, y, temperature, with_entropy=True, ignore_index=ignore_index,
+                                      backend=backend)
+        x = logp.detach().requires_grad_()
+        ent = H.detach().requires_grad_()
+        token_loss, pg, kl, ratio, clipped = grpo_token_terms(x, x.detach() if old is None else old, ref, adv, ent,
+                                                              cfg)
+        g_logp, g_ent = torch.autograd.grad((token_loss * w).sum(), (x, ent))
+        # the backward of logprob_from_logits writes dz into z's storage (no second [chunk, V])
+        torch.autograd.grad((logp, H), (z,), (g_logp, g_ent))
+    vf = valid.float()
+    terms = [token_loss * w, pg * w, clipped.float(), kl if kl is not None else torch.zeros_like(x), ratio, H, logp,
+             vf]
+    return torch.stack([t.detach() for t in terms], dim=1) * vf[:, None]
+
+
 class _FusedLinearGRPO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, old_logp, ref_logp, adv, token_weight, cfg, temperature,
@@ -52,41 +80,28 @@ class _FusedLinearGRPO(torch.autograd.Function):
         dh = torch.empty_like(hidden)
         dW = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype == torch.float32 else weight.dtype,
                          device=weight.device)
-        sums = torch.zeros(6, dtype=torch.float64, device=hidden.device)  # loss, pg, clipped, kl, ratio, H
+        sums = torch.zeros(8, dtype=torch.float64, device=hidden.device)
         r_min = torch.full((), math.inf, device=hidden.device)
         r_max = torch.full((), -math.inf, device=hidden.device)
-        count = 0.0
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
             h_c, y_c = hidden[s:e], targets[s:e]
-            valid = y_c != ignore_index
-            w = torch.where(valid, token_weight[s:e].float(), 0.0)
+            w = torch.where(y_c != ignore_index, token_weight[s:e].float(), 0.0)
             z = h_c @ weight.t()  # GEMM 1: [chunk, V] (forward runs without a graph: z is a leaf)
-            with torch.enable_grad():
-                z.requires_grad_()
-                logp, H = logprob_from_logits(z, y_c, temperature, with_entropy=True, ignore_index=ignore_index,
-                                              backend=backend)
-                x = logp.detach().requires_grad_()
-                ent = H.detach().requires_grad_()
-                old = x.detach() if old_logp is None else old_logp[s:e].float()
-                ref = None if ref_logp is None else ref_logp[s:e].float()
-                token_loss, pg, kl, ratio, clipped = grpo_token_terms(x, old, ref, adv[s:e].float(), ent, cfg)
-                loss_c = (token_loss * w).sum()
-                g_logp, g_ent = torch.autograd.grad(loss_c, (x, ent))
-                # the backward of logprob_from_logits writes dz into z's storage (no second [chunk, V])
-                (dz,) = torch.autograd.grad((logp, H), (z,), (g_logp, g_ent))
+            terms = _epilogue(z, y_c, None if old_logp is None else old_logp[s:e].float(),
+                              None if ref_logp is None else ref_logp[s:e].float(), adv[s:e].float(), w, cfg,
+                              temperature, ignore_index, backend)
+            dz = z  # the epilogue wrote the gradient over the logits
             dh[s:e] = dz @ weight  # GEMM 2
             torch.addmm(dW, dz.t().to(dW.dtype), h_c.to(dW.dtype), out=dW)  # GEMM 3, accumulated in place
-            with torch.no_grad():
-                vf = valid.float()
-                sums += torch.stack([loss_c.detach(), (pg * w).sum(), (clipped & valid).float().sum(),
-                                     (kl * vf).sum() if kl is not None else loss_c.new_zeros(()),
-                                     (ratio * vf).sum(), (H.detach() * vf).sum()]).double()
-                if valid.any():
-                    r_min = torch.minimum(r_min, ratio[valid].min())
-                    r_max = torch.maximum(r_max, ratio[valid].max())
-                count += float(vf.sum())
+            del z, dz
+            sums += terms.sum(dim=0, dtype=torch.float64)
+            valid = terms[:, 7] > 0
+            if valid.any():
+                r_min = torch.minimum(r_min, terms[valid, 4].min())
+                r_max = torch.maximum(r_max, terms[valid, 4].max())
         ctx.save_for_backward(dh, dW.to(weight.dtype))
+        count = float(sums[7])
         inv = 1.0 / count if count else 0.0
         metrics = {"pg_loss": sums[1], "clip_frac": sums[2] * inv, "kl_mean": sums[3] * inv,
                    "ratio_min": r_min if count else r_min.new_zeros(()), "ratio_mean": sums[4] * inv,
@@ -127,8 +142,10 @@ def fused_linear_grpo(
     old_logp, ref_logp and rollout_logp are [B, T] like the mask, advantages [B] or [B, T]; the rest
     is as in `grpo_loss` (an ignored target counts as a masked-out token). Returns (loss, metrics);
     the loss is differentiable w.r.t. hidden and weight. N = 0 gives a zero loss with zero
-    gradients. backend: of the log-softmax epilogue (`logprob_from_logits`); chunk: rows per logits
-    tile (default: from the device's memory budget).
+    gradients. backend: of the per-chunk epilogue: "cpp" (one C++ call: log-prob, entropy, token
+    terms and the logits' gradient), or `logprob_from_logits`'s "triton" / "torch" with the token
+    terms in torch; "auto" picks "cpp" for CPU tensors when it is built. chunk: rows per logits tile
+    (default: from the device's memory budget).
     """
     check_float_matrix(hidden, "hidden")
     check_float_matrix(weight, "weight")
@@ -136,6 +153,7 @@ def fused_linear_grpo(
         raise ValueError(f"weight {list(weight.shape)} {weight.dtype} on {weight.device} does not match hidden "
                          f"{list(hidden.shape)} {hidden.dtype} on {hidden.device}")
     check_temperature(temperature)
+    backend = check_backend(backend, hidden, "hidden")
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B, T], got {list(mask.shape)}")
     m = mask != 0
@@ -164,10 +182,15 @@ def fused_linear_grpo(
                                                     "ratio_max", "entropy_mean", "num_tokens_local")} | is_metrics
     old = old_logp[m] if old_logp is not None else None
     ref = ref_logp[m] if ref_logp is not None else None
-    # rows of one [chunk, V] logits tile: at 8 bytes an element, the tile and the epilogue's fp32
-    # temporaries (about 11 bytes an element on CPU, measured) stay near the device's budget
+    # rows of one [chunk, V] logits tile. The C++ epilogue rewrites the tile in place: a 48 MiB fp32
+    # tile (393 rows at V = 32000) gives GEMMs of eager speed, since dW = sum dz^T h re-reads the
+    # [V, D] accumulator once per chunk. The torch epilogue's fp32 temporaries take about 11 bytes
+    # an element (measured): 8 bytes an element against the device's budget keeps it near that.
     if chunk is None:
-        chunk = chunk_rows(N, weight.shape[0], 8, chunk_budget(hidden.device))
+        if backend == "cpp":
+            chunk = chunk_rows(N, weight.shape[0], 4, CPU_INPLACE_TILE_BYTES)
+        else:
+            chunk = chunk_rows(N, weight.shape[0], 8, chunk_budget(hidden.device))
     metrics: dict[str, Tensor] = {}
     loss = _FusedLinearGRPO.apply(hidden, weight, targets, old, ref, adv, w, cfg, temperature, ignore_index,
                                   max(1, chunk), backend, metrics)

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import cpu_ops
 from .reference import fused_linear_logprob_ref
 from .utils import (
     check_backend,
@@ -278,7 +279,8 @@ def fused_linear_logprob(
     hidden [N, D] and weight [V, D] of one dtype (bf16, fp16 or fp32) on one device, targets [N]
     integer in [0, V) or ignore_index (those rows give logp 0, entropy 0 and no gradient).
     Returns (logp, entropy or None); both are differentiable w.r.t. hidden and weight.
-    backend: "auto" (CUDA -> Triton, CPU -> chunked torch reference), "triton" or "torch".
+    backend: "auto" (CUDA -> Triton, CPU -> C++ epilogues when built, else the chunked torch
+    reference), "triton", "cpp" or "torch".
     """
     check_float_matrix(hidden, "hidden")
     check_float_matrix(weight, "weight")
@@ -299,4 +301,7 @@ def fused_linear_logprob(
         return empty, (empty.clone() if with_entropy else None)
     if backend == "torch":
         return fused_linear_logprob_ref(hidden, weight, targets, temperature, with_entropy, ignore_index)
+    if backend == "cpp":
+        y = targets.to(torch.int64).masked_fill(targets == ignore_index, -1)
+        return cpu_ops.fused_linear_logprob(hidden, weight, y, temperature, with_entropy)
     return _fused_linear_logprob_triton(hidden, weight, targets, temperature, with_entropy, ignore_index)

@@ -23,7 +23,8 @@ losses sum to the big-batch loss. The gradient is elementwise: dl/dlogp_bt = u_b
 On CUDA a forward kernel writes per-(row, block) partial sums of the loss and every metric, a
 one-program kernel reduces them to the loss, the metrics and the row weights u_b / D, and the
 backward kernel recomputes the token terms from the saved inputs: nothing [B, T] is stored.
-CPU tensors use the plain-torch `grpo_loss_ref`.
+CPU tensors use the C++ kernels (kernels/cpu/grpo_loss.cpp) when built, else the plain-torch
+`grpo_loss_ref`.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import cpu_ops
 from .reference import (GRPO_KL_TYPES, GRPO_LOSS_AGGS, GRPO_METRICS, IS_MODES, ISMode, KLType, LossAgg, grpo_loss_ref,
                         rollout_is_weights)
 from .utils import check_backend, row_launch_settings
@@ -488,7 +490,8 @@ def grpo_loss(
     advantages: [B] or [B, T]. old_logp None: on-policy (old = logp.detach()); ref_logp None: no
     KL. num_tokens (token-mean) / num_seqs (seq-mean-*) override the local counts so micro-batch
     losses sum to the big-batch loss; the one the mode does not use is ignored. Gradients flow to
-    logp and entropy only. backend: "auto" (CUDA -> Triton, else torch), "triton", "torch".
+    logp and entropy only. backend: "auto" (CUDA -> Triton, CPU -> C++ when built, else torch), "triton",
+    "cpp", "torch".
 
     Metrics: pg_loss (same aggregation as the loss), clip_frac, kl_mean, ratio_min/mean/max and
     entropy_mean (when entropy is given) over the masked tokens of this call, and num_tokens_local.
@@ -501,6 +504,10 @@ def grpo_loss(
     """
     _check_inputs(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, num_tokens, num_seqs)
     old = old_logp if old_logp is not None else logp.detach()  # on-policy: the trainer's log-probs are logp
+    _check_rollout_is(old, rollout_logp, mask, cfg)
+    if check_backend(backend, logp, "logp") == "cpp":  # the rollout weights are computed in the op
+        return cpu_ops.grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, num_tokens, num_seqs,
+                                 rollout_logp)
     advantages, is_metrics = apply_rollout_is(old, rollout_logp, advantages, mask, cfg)
     loss, metrics = _grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, num_tokens, num_seqs,
                                backend)
@@ -514,6 +521,17 @@ def apply_rollout_is(old_logp: Tensor | None, rollout_logp: Tensor | None, advan
     cfg.is_mode == "off"."""
     if cfg.is_mode == "off":
         return advantages, {}
+    _check_rollout_is(old_logp, rollout_logp, mask, cfg)
+    w, metrics = rollout_is_weights(old_logp, rollout_logp, mask, cfg.is_mode, cfg.is_cap)
+    adv = advantages.detach().float()
+    adv = adv[:, None] * w if adv.dim() == 1 else adv * w
+    return adv, metrics
+
+
+def _check_rollout_is(old_logp: Tensor | None, rollout_logp: Tensor | None, mask: Tensor, cfg: GRPOLossConfig
+                      ) -> None:
+    if cfg.is_mode == "off":
+        return
     if cfg.is_mode == "auto":
         raise ValueError("is_mode: 'auto' must be resolved to a mode before the loss (the run config does)")
     if old_logp is None:
@@ -521,10 +539,6 @@ def apply_rollout_is(old_logp: Tensor | None, rollout_logp: Tensor | None, advan
     if rollout_logp is None or tuple(rollout_logp.shape) != tuple(mask.shape):
         raise ValueError(f"rollout_logp: is_mode={cfg.is_mode!r} needs the rollout log-probs as [B, T] = "
                          f"{list(mask.shape)}, got {None if rollout_logp is None else list(rollout_logp.shape)}")
-    w, metrics = rollout_is_weights(old_logp, rollout_logp, mask, cfg.is_mode, cfg.is_cap)
-    adv = advantages.detach().float()
-    adv = adv[:, None] * w if adv.dim() == 1 else adv * w
-    return adv, metrics
 
 
 def _grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, num_tokens, num_seqs, backend):

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import cpu_ops
 from .reference import logprob_from_logits_ref
 from .utils import check_backend, check_float_matrix, check_targets, check_temperature, row_launch_settings
 
@@ -153,7 +154,8 @@ def logprob_from_logits(
     When logits require grad, backward writes dlogits into the logits' own storage (a
     non-contiguous input is first copied) and hands that tensor back as the gradient: after
     backward the logits hold gradients, so the caller must not reuse them.
-    backend: "auto" (CUDA -> Triton, CPU -> chunked torch reference), "triton" or "torch".
+    backend: "auto" (CUDA -> Triton, CPU -> C++ when built, else the chunked torch reference),
+    "triton", "cpp" or "torch".
     """
     check_float_matrix(logits, "logits")
     check_temperature(temperature)
@@ -163,6 +165,8 @@ def logprob_from_logits(
         return logprob_from_logits_ref(logits, targets, temperature, with_entropy, ignore_index)
     y = targets.to(torch.int64).masked_fill(targets == ignore_index, -1)
     temperature, with_entropy = float(temperature), bool(with_entropy)
+    if backend == "cpp":
+        return cpu_ops.logprob_from_logits(logits, y, temperature, with_entropy)
     if logits.requires_grad and torch.is_grad_enabled():
         if not logits.is_contiguous():
             logits = logits.contiguous()

@@ -13,7 +13,7 @@ import torch
 import triton
 from torch import Tensor
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cpp", "torch")
 # tl.dot needs every tile dimension >= 16; these are the dtypes the kernels accept.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The references also take fp64, so they can be checked against an fp64 ground truth.
@@ -111,6 +111,8 @@ def chunk_rows(n_rows: int, n_cols: int, elem_bytes: int, budget_bytes: int, mul
 # enough that the dW GEMM's K dimension (the chunk) keeps cuBLAS compute-bound.
 CPU_CHUNK_BYTES = 32 << 20
 GPU_CHUNK_BYTES = 1 << 30
+# A CPU logits tile that a C++ epilogue rewrites in place (no temporaries beside it).
+CPU_INPLACE_TILE_BYTES = 48 << 20
 
 
 def chunk_budget(device: torch.device) -> int:
@@ -118,11 +120,24 @@ def chunk_budget(device: torch.device) -> int:
 
 
 def check_backend(backend: str, x: Tensor, name: str) -> str:
-    """Resolve "auto" and make sure the chosen backend can run on `x`'s device."""
+    """Resolve "auto" and make sure the chosen backend can run on `x`'s device.
+
+    "auto": CUDA tensors -> "triton"; CPU tensors -> "cpp" (the C++ kernels) when they are built
+    and take x's dtype, else "torch" (the references), with one warning per process when it is
+    the library that is missing.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if x.is_cuda else "torch"
+        if x.is_cuda:
+            return "triton"
+        if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES:
+            return "torch"
+        from . import cpu_ops
+        if cpu_ops.available():
+            return "cpp"
+        cpu_ops.warn_fallback()
+        return "torch"
     if backend == "triton":
         if not (x.is_cuda or is_interpreter() or compile_only_gpu is not None):
             raise ValueError(
@@ -131,6 +146,14 @@ def check_backend(backend: str, x: Tensor, name: str) -> str:
             )
         if x.dtype not in KERNEL_DTYPES:
             raise ValueError(f"backend='triton' supports {name} in {KERNEL_DTYPES}, got {x.dtype}")
+    if backend == "cpp":
+        from . import cpu_ops
+        if x.device.type != "cpu":
+            raise ValueError(f"backend='cpp' needs {name} on the CPU, got {name} on {x.device}")
+        if x.dtype not in KERNEL_DTYPES:
+            raise ValueError(f"backend='cpp' supports {name} in {KERNEL_DTYPES}, got {x.dtype}")
+        if not cpu_ops.available():
+            raise ValueError(f"backend='cpp' needs the C++ CPU kernels: {cpu_ops.unavailable_reason()}")
     return backend
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up the project virtualenv for the CPU demo (`setup.sh run`) or for tests and benchmarks
-# (`setup.sh dev`). Idempotent: what is already installed is kept. Called by the Makefile.
+# (`setup.sh dev`), and build the C++ CPU kernels into it (`setup.sh cpu-kernels`, once the
+# virtualenv has torch). Idempotent: what is already installed is kept. Called by the Makefile.
 #
 #   PY               the interpreter that creates .venv (default python3); never installed into
 #   VENV             the virtualenv (default .venv)
@@ -16,6 +17,41 @@ TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
 VLLM="${VLLM:-1}"
 say() { echo "racro-fast setup: $*"; }
+
+# The C++ CPU kernels (CMakeLists.txt) into build/cpu. cmake comes from the package index when this
+# machine has none >= 3.18 (ninja too, else make's generator is used); a C++ compiler is the one
+# system requirement. A failed build is not fatal: CPU tensors then run the torch references, and
+# the cause is kept in build/cpu/build-error.txt for the warning they print.
+build_cpu_kernels() {
+    local build=build/cpu cmake=cmake gen=()
+    mkdir -p "$build"
+    rm -f "$build/build-error.txt"
+    if ! cmake --version 2>/dev/null | awk 'NR==1 {split($3, v, "."); exit !(v[1] > 3 || (v[1] == 3 && v[2] >= 18))}'; then
+        say "cmake >= 3.18 not found: installing cmake and ninja into $VENV"
+        "$VENV/bin/python" -m pip install -q cmake ninja && cmake="$VENV/bin/cmake"
+    fi
+    if command -v ninja >/dev/null; then
+        gen=(-G Ninja)
+    elif [ -x "$VENV/bin/ninja" ]; then
+        gen=(-G Ninja -DCMAKE_MAKE_PROGRAM="$(cd "$VENV" && pwd)/bin/ninja")
+    fi
+    local prefix log="$build/build.log"
+    prefix=$("$VENV/bin/python" -c "import torch; print(torch.utils.cmake_prefix_path)")
+    say "building the C++ CPU kernels ($build)"
+    if ! { "$cmake" -S . -B "$build" "${gen[@]}" -DCMAKE_PREFIX_PATH="$prefix" &&
+           "$cmake" --build "$build"; } >"$log" 2>&1; then
+        # the first error and the lines that explain it, as one line
+        { grep -m1 -A6 -i "error" "$log" || tail -3 "$log"; } | tr -s ' \n' ' ' | cut -c1-400 > "$build/build-error.txt"
+        say "WARNING: the C++ CPU kernels did not build, CPU tensors will use the torch references:" \
+            "$(cat "$build/build-error.txt") (log: $log)"
+        return 0
+    fi
+}
+
+if [ "$mode" = cpu-kernels ]; then
+    build_cpu_kernels
+    exit 0
+fi
 
 if [ ! -x "$VENV/bin/python" ]; then
     say "creating $VENV with $PY"

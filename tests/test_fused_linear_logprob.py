@@ -99,10 +99,13 @@ def test_public_backends_agree_with_each_other():
                             backend="triton")
     ref = outputs_and_grads(fused_linear_logprob, h, W, y, g, gH, True, with_entropy=True, temperature=0.9,
                             backend="torch")
+    cpp = outputs_and_grads(fused_linear_logprob, h, W, y, g, gH, True, with_entropy=True, temperature=0.9,
+                            backend="cpp")
     auto = outputs_and_grads(fused_linear_logprob, h, W, y, g, gH, True, with_entropy=True, temperature=0.9)
-    for name, a, b, c in zip(("logp", "entropy", "dh", "dW"), tri, ref, auto):
+    for name, a, b, c, d in zip(("logp", "entropy", "dh", "dW"), tri, ref, cpp, auto):
         assert_close(a, b, 1e-5 * max(1.0, b.abs().max().item()), f"triton vs torch {name}")
-        assert torch.equal(b, c), f"auto on CPU must be the torch reference ({name} differs)"
+        assert_close(c, b, 1e-5 * max(1.0, b.abs().max().item()), f"cpp vs torch {name}")
+        assert torch.equal(c, d), f"auto on CPU must be the C++ path ({name} differs)"
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
