@@ -83,35 +83,18 @@ def _upstream(d: Tensor | None, y: Tensor, like: Tensor) -> Tensor:
     return g.masked_fill(y < 0, 0.0).contiguous()
 
 
-class _LogprobFromLogits(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: Tensor, y: Tensor, temperature: float, with_entropy: bool):
-        logp, lse, H = _ops().logprob_fwd(logits, y, temperature, with_entropy)
-        ctx.save_for_backward(logits, y, lse, H)
-        ctx.temperature, ctx.with_entropy = temperature, with_entropy
-        return logp, H
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dlogp: Tensor | None, dH: Tensor | None):
-        logits, y, lse, H = ctx.saved_tensors
-        ent = ctx.with_entropy and dH is not None
-        _ops().dlogits_(logits, y, 0, ctx.temperature, lse, H if ent else None, _upstream(dlogp, y, lse),
-                        _upstream(dH, y, lse) if ent else None)
-        # written behind autograd's back, as the Triton kernel does: see logprob_from_logits
-        torch.autograd.graph.increment_version(logits)
-        return logits, None, None, None
+def logprob_fwd(logits: Tensor, y: Tensor, temperature: float, with_entropy: bool
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """logp, lse and entropy (None without with_entropy), fp32 [N]; y int64, -1 on ignored rows."""
+    return _ops().logprob_fwd(logits, y, temperature, with_entropy)
 
 
-def logprob_from_logits(logits: Tensor, y: Tensor, temperature: float, with_entropy: bool
-                        ) -> tuple[Tensor, Tensor | None]:
-    """The C++ path of `logprob_from_logits`; y int64 with -1 on ignored rows."""
-    if logits.requires_grad and torch.is_grad_enabled():
-        return _LogprobFromLogits.apply(logits.contiguous(), y, temperature, with_entropy)
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    logp, _, H = _ops().logprob_fwd(logits, y, temperature, with_entropy)
-    return logp, H
+def logprob_bwd_(logits: Tensor, y: Tensor, lse: Tensor, H: Tensor | None, dlogp: Tensor | None, dH: Tensor | None,
+                 temperature: float, with_entropy: bool) -> None:
+    """Write dL/dlogits over the (contiguous) logits."""
+    ent = with_entropy and dH is not None
+    _ops().dlogits_(logits, y, 0, temperature, lse, H if ent else None, _upstream(dlogp, y, lse),
+                    _upstream(dH, y, lse) if ent else None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -94,8 +94,8 @@ def _logprob_from_logits_bwd_kernel(
         tl.store(X_row + cols * stride_xv, (dz / temperature).to(x.dtype), mask=mask)
 
 
-def _forward(logits: Tensor, y: Tensor, temperature: float, with_entropy: bool
-             ) -> tuple[Tensor, Tensor, Tensor | None]:
+def _forward_triton(logits: Tensor, y: Tensor, temperature: float, with_entropy: bool
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
     """logp, lse and entropy (None without with_entropy), fp32 [N]; y is -1 on ignored rows."""
     N, V = logits.shape
     BLOCK_SIZE, num_warps = row_launch_settings(V)
@@ -110,32 +110,42 @@ def _forward(logits: Tensor, y: Tensor, temperature: float, with_entropy: bool
     return logp, lse, H
 
 
+def _backward_triton_(logits: Tensor, y: Tensor, lse: Tensor, H: Tensor | None, dlogp: Tensor | None,
+                      dH: Tensor | None, temperature: float, with_entropy: bool) -> None:
+    """Write dL/dlogits over the logits (the kernel zeroes ignored rows itself)."""
+    N, V = logits.shape
+    g = torch.zeros_like(lse) if dlogp is None else dlogp.float().contiguous()
+    with_entropy = with_entropy and dH is not None
+    gH = dH.float().contiguous() if with_entropy else g
+    BLOCK_SIZE, num_warps = row_launch_settings(V)
+    _logprob_from_logits_bwd_kernel[(N,)](
+        logits, y, lse, H if with_entropy else lse, g, gH,
+        V, logits.stride(0), logits.stride(1), temperature,
+        WITH_ENTROPY=with_entropy, BLOCK_SIZE=BLOCK_SIZE, num_warps=num_warps,
+    )
+
+
+# (forward, in-place backward) of each kernel backend: same arguments, same outputs
+_IMPL = {"triton": (_forward_triton, _backward_triton_), "cpp": (cpu_ops.logprob_fwd, cpu_ops.logprob_bwd_)}
+
+
 class _LogprobFromLogits(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, y: Tensor, temperature: float, with_entropy: bool):
-        logp, lse, H = _forward(logits, y, temperature, with_entropy)
+    def forward(ctx, logits: Tensor, y: Tensor, temperature: float, with_entropy: bool, backend: str):
+        logp, lse, H = _IMPL[backend][0](logits, y, temperature, with_entropy)
         ctx.save_for_backward(logits, y, lse, H)
-        ctx.temperature, ctx.with_entropy = temperature, with_entropy
+        ctx.temperature, ctx.with_entropy, ctx.backend = temperature, with_entropy, backend
         return logp, H
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dlogp: Tensor | None, dH: Tensor | None):
         logits, y, lse, H = ctx.saved_tensors
-        N, V = logits.shape
-        g = torch.zeros_like(lse) if dlogp is None else dlogp.float().contiguous()
-        with_entropy = ctx.with_entropy and dH is not None
-        gH = dH.float().contiguous() if with_entropy else g
-        BLOCK_SIZE, num_warps = row_launch_settings(V)
-        _logprob_from_logits_bwd_kernel[(N,)](
-            logits, y, lse, H if with_entropy else lse, g, gH,
-            V, logits.stride(0), logits.stride(1), ctx.temperature,
-            WITH_ENTROPY=with_entropy, BLOCK_SIZE=BLOCK_SIZE, num_warps=num_warps,
-        )
+        _IMPL[ctx.backend][1](logits, y, lse, H, dlogp, dH, ctx.temperature, ctx.with_entropy)
         # The kernel wrote behind autograd's back: bump the version so any other user of these
         # logits that saved them for its own backward fails loudly instead of reading gradients.
         torch.autograd.graph.increment_version(logits)
-        return logits, None, None, None
+        return logits, None, None, None, None
 
 
 def logprob_from_logits(
@@ -165,11 +175,11 @@ def logprob_from_logits(
         return logprob_from_logits_ref(logits, targets, temperature, with_entropy, ignore_index)
     y = targets.to(torch.int64).masked_fill(targets == ignore_index, -1)
     temperature, with_entropy = float(temperature), bool(with_entropy)
-    if backend == "cpp":
-        return cpu_ops.logprob_from_logits(logits, y, temperature, with_entropy)
     if logits.requires_grad and torch.is_grad_enabled():
         if not logits.is_contiguous():
             logits = logits.contiguous()
-        return _LogprobFromLogits.apply(logits, y, temperature, with_entropy)
-    logp, _, H = _forward(logits, y, temperature, with_entropy)
+        return _LogprobFromLogits.apply(logits, y, temperature, with_entropy, backend)
+    if backend == "cpp" and logits.stride(1) != 1:  # the C++ kernel reads rows of unit stride
+        logits = logits.contiguous()
+    logp, _, H = _IMPL[backend][0](logits, y, temperature, with_entropy)
     return logp, H
