@@ -505,7 +505,8 @@ def grpo_loss(
     _check_inputs(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, num_tokens, num_seqs)
     old = old_logp if old_logp is not None else logp.detach()  # on-policy: the trainer's log-probs are logp
     _check_rollout_is(old, rollout_logp, mask, cfg)
-    if check_backend(backend, logp, "logp") == "cpp":  # the rollout weights are computed in the op
+    backend = check_backend(backend, logp, "logp")
+    if backend == "cpp":  # the rollout weights are computed in the op
         return cpu_ops.grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, num_tokens, num_seqs,
                                  rollout_logp)
     advantages, is_metrics = apply_rollout_is(old, rollout_logp, advantages, mask, cfg)
@@ -542,7 +543,8 @@ def _check_rollout_is(old_logp: Tensor | None, rollout_logp: Tensor | None, mask
 
 
 def _grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, num_tokens, num_seqs, backend):
-    if check_backend(backend, logp, "logp") == "torch":
+    """The Triton or torch path; backend is resolved."""
+    if backend == "torch":
         return grpo_loss_ref(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, num_tokens, num_seqs)
 
     denom = num_tokens if cfg.loss_agg == "token-mean" else num_seqs
