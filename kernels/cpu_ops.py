@@ -108,7 +108,7 @@ class _FusedLinearLogprob(torch.autograd.Function):
                 rows: int, cols: int):
         ops = _ops()
         N, V = hidden.shape[0], weight.shape[0]
-        m = torch.full((N,), -3.0e38)
+        m = torch.full((N,), -3.0e38)  # kMaxFloor of kernels/cpu/common.h: a finite start for the running max
         s, zy = torch.zeros(N), torch.zeros(N)
         a = torch.zeros(N) if with_entropy else None
         # bf16 / fp16 tiles are multiplied in fp32 (one [cols, D] cast per tile, not a copy of W)

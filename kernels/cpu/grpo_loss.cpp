@@ -50,7 +50,7 @@ Inputs prepare(const Tensor& logp, const c10::optional<Tensor>& old, const c10::
 
 // Pointers to one row of every input. Absent inputs point at another row of the same length
 // (old and ref at logp, the rollout at the advantages) so that every load in the simd loops is
-// unconditional; has_ref and the IS mode say which values mean anything.
+// unconditional; the KL weights of GRPOParams (0 without ref) and the IS mode say which values count.
 template <typename S>
 struct Row {
   const S *x, *o, *r, *e;
