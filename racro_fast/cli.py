@@ -57,13 +57,40 @@ def _profile(argv: list[str]) -> int:
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
-        train(cfg)
+        result = train(cfg)
     trace = out / "profile_trace.json"
     prof.export_chrome_trace(str(trace))
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=25))
+    print(phase_summary(result["history"]))
     print(f"trace: {trace} (open in chrome://tracing or Perfetto)")
     return 0
+
+
+# the step's phases in the order they run; policy_* are the captioner's update inside `train`
+PHASES = ("sync", "caption", "reason", "reward", "logprob", "train", "policy_forward", "policy_loss", "policy_backward")
+
+
+def phase_summary(history: list[dict]) -> str:
+    """Mean seconds per phase over the steps (the first left out when there are more: it warms up),
+    with the step's tokens/s and the policy update's caption tokens/s and (GPU) MFU."""
+    rows = history[1:] if len(history) > 1 else history
+    if not rows:
+        return "no step ran"
+
+    def mean(key: str) -> float:
+        return sum(r.get(key, 0.0) for r in rows) / len(rows)
+
+    lines = [f"per step, mean over {len(rows)} step(s):"]
+    lines += [f"  {name + '_s':22s} {mean(name + '_s'):9.3f}" for name in PHASES if name + "_s" in rows[0]]
+    lines.append(f"  {'step_s':22s} {mean('step_s'):9.3f}")
+    lines.append(f"  {'tokens_per_s':22s} {mean('tokens_per_s'):9.1f}  (captions and answers generated)")
+    if "policy_tokens_per_s" in rows[0]:
+        lines.append(f"  {'policy_tokens_per_s':22s} {mean('policy_tokens_per_s'):9.1f}  (caption tokens through "
+                     "the update's forward, loss and backward)")
+    if "policy_mfu" in rows[0]:
+        lines.append(f"  {'policy_mfu':22s} {mean('policy_mfu'):9.3f}  (matmul FLOPs of the update, a lower bound)")
+    return "\n".join(lines)
 
 
 def run_main(fn, argv: list[str] | None = None) -> int:

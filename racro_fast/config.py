@@ -85,7 +85,9 @@ class TrainConfig:
     steps: int = 100  # optimizer rollouts (each: questions_per_step questions)
     questions_per_step: int = 256  # paper: 256
     mini_batch: int = 128  # questions per optimizer step (paper: 128 -> 2 updates per rollout)
-    micro_batch: int = 8  # sequences per forward/backward
+    micro_batch: int = 8  # captions per forward/backward (packed: whole questions, up to this many captions)
+    micro_batch_tokens: int = 0  # packed: fill each micro-batch to this many tokens instead (0: count captions)
+    packed: bool = True  # each question's prompt and images computed once for its G captions, no padding
     lr: float = 1e-6
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -239,6 +241,8 @@ def validate(cfg: Config) -> Config:
     need(t.questions_per_step % t.mini_batch == 0, "train.mini_batch",
          f"must divide train.questions_per_step ({t.questions_per_step})")
     need(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
+    need(t.micro_batch_tokens >= 0, "train.micro_batch_tokens", "must be >= 0 (0: micro-batches of train.micro_batch captions)")
+    need(t.packed or not t.micro_batch_tokens, "train.micro_batch_tokens", "needs train.packed: the padded layout counts captions")
     need(t.lr > 0, "train.lr", "must be > 0")
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(0 <= t.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")

@@ -32,7 +32,7 @@ import torch
 
 log = logging.getLogger("racro_fast.demo")
 
-VERSION = 2  # bump when the recipe below changes
+VERSION = 3  # bump when the recipe below changes
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml"
 # the number a caption states -> the answer; the reasoner learns exactly this rule
 ANSWER_RULES = {"count": lambda ns: ns[0], "grid": lambda ns: ns[0], "bars": max, "arith": sum}
@@ -80,6 +80,7 @@ def _noise_caption(tokenizer, rng: random.Random, task: str) -> tuple[str, str]:
 def _sft(model, examples: list[tuple[dict, list[int]]], steps: int, batch: int, lr: float, seed: int,
          pad_id: int, what: str) -> float:
     """Teacher-forced cross-entropy on the target tokens only; returns the last loss."""
+    from racro_fast.prompts import mm_token_types
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     # warm-up + clipping: without them a two-layer model at this lr stalls at chance on the copy
@@ -103,6 +104,7 @@ def _sft(model, examples: list[tuple[dict, list[int]]], steps: int, batch: int, 
         if pv:
             kw["pixel_values"] = torch.cat(pv)
             kw["image_grid_thw"] = torch.cat([examples[i][0]["image_grid_thw"] for i in idx])
+            kw["mm_token_type_ids"] = mm_token_types(ids, model.config)  # 3-D positions, as in training
         loss = model(input_ids=ids, attention_mask=attn, labels=labels, **kw).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from racro_fast.prompts import mm_token_types
+
 log = logging.getLogger(__name__)
 
 
@@ -262,6 +264,8 @@ class HFEngine:
             # The vision tower consumes patches image by image in row order, matching the pads.
             inputs["pixel_values"] = torch.cat([r.pixel_values for r in with_images]).to(device)
             inputs["image_grid_thw"] = torch.cat([r.image_grid_thw for r in with_images]).to(device)
+            # the modality of each token, for Qwen2.5-VL's 3-D positions (1-D without it, unlike training and vLLM)
+            inputs["mm_token_type_ids"] = mm_token_types(inputs["input_ids"], self.model.config)
         greedy = sampling.temperature == 0
         if greedy:
             warpers = {"do_sample": False}

@@ -1,20 +1,28 @@
-"""The policy forward over training samples: one sample per caption, right-padded micro-batches,
-the decoder to its last hidden state, and only the caption positions through the vocabulary
-projection (the [tokens, vocab] logits are never built): `kernels.fused_linear_grpo` in the update,
-`kernels.fused_linear_logprob` in the no-grad passes.
+"""The policy forward over training samples (one per caption): the decoder to its last hidden state,
+and only the caption positions through the vocabulary projection (the [tokens, vocab] logits are
+never built): `kernels.fused_linear_grpo` in the update, `kernels.fused_linear_logprob` in the
+no-grad passes.
 
-    batch = collate(samples, pad_id, device)                         # input_ids (B, T), mask (B, T-1)
-    h, y = caption_hidden(model, batch)                              # (N, D), (N,)
-    logp, ent = sequence_logprobs(model, batch, temperature, True)   # (B, T-1) each
-    fill_logprobs(backend, ref, samples, "ref_logp", 8, 1.0, pad_id, device)   # no-grad passes
+Two layouts, the same tokens out (in sample order):
+- packed (train.packed, the default): a question's prompt and images computed once and its G
+  captions attending to them, micro-batches of whole questions filled to a token budget (packed.py);
+- padded: one right-padded row per caption, micro-batches of train.micro_batch captions.
+
+    plan = ForwardPlan.from_config(cfg)
+    for mb, h, y in caption_batches(model, samples, pad_id, device, plan):   # (N, D), (N,) per micro-batch
+        mask = caption_mask(mb, device)                                      # (B, L): sample b's tokens
+    fill_logprobs(backend, ref, samples, "ref_logp", 1.0, pad_id, device, plan)   # no-grad passes
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from racro_fast.kernels import fused_linear_logprob
+from racro_fast.packed import group_samples, pack, packed_hidden, packed_tokens, token_budget_batches
+from racro_fast.prompts import mm_token_types
 
 
 @dataclass
@@ -28,6 +36,7 @@ class Sample:
     old_logp: torch.Tensor | None = None  # (len(input_ids) - 1,) fp32, set before the update
     ref_logp: torch.Tensor | None = None
     rollout_logp: torch.Tensor | None = None  # the same layout: the engine's log-probs of the caption, 0 before it
+    image_embeds: torch.Tensor | None = None  # (image tokens, D): a frozen vision tower's features, once per step
 
 
 def collate(samples: list[Sample], pad_id: int, device: torch.device) -> dict:
@@ -50,49 +59,89 @@ def collate(samples: list[Sample], pad_id: int, device: torch.device) -> dict:
     return batch
 
 
-def pad_per_token(values: list[torch.Tensor], T1: int, device: torch.device) -> torch.Tensor:
-    out = torch.zeros((len(values), T1), dtype=torch.float32)  # (B, T-1)
-    for b, v in enumerate(values):
-        out[b, :v.numel()] = v
-    return out.to(device)
-
-
 def caption_hidden(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoder's last hidden state at the positions that predict caption tokens, h (N, D), and
     those tokens, y (N,): padding and prompt positions never reach the vocabulary projection."""
     hidden = model.model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
         pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
+        # the modality of each token: without it transformers falls back to 1-D positions
+        mm_token_type_ids=mm_token_types(batch["input_ids"], model.model.config),
         use_cache=False,  # one full-sequence pass: a KV cache would only cost memory
     ).last_hidden_state  # (B, T, D)
     mask = batch["mask"]  # (B, T-1)
     return hidden[:, :-1][mask], batch["input_ids"][:, 1:][mask]  # (N, D), (N,)
 
 
-def sequence_logprobs(model, batch: dict, temperature: float, with_entropy: bool):
-    """Log-probs (and entropy) of every caption token, (B, T-1) each, zero off the mask, through the
-    fused projection + log-softmax (no [tokens, vocab] logits)."""
-    h, y = caption_hidden(model, batch)
-    mask = batch["mask"]
-    logp_n, ent_n = fused_linear_logprob(h, model.lm_head.weight, y, temperature, with_entropy=with_entropy)
-    logp = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, logp_n)
-    ent = None
-    if ent_n is not None:
-        ent = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, ent_n)
-    return logp, ent
+@dataclass(frozen=True)
+class ForwardPlan:
+    """How samples go through the policy: packed or padded, and the micro-batch sizes."""
+    packed: bool = True
+    micro_batch: int = 8  # captions per micro-batch (packed: whole questions, up to this many captions)
+    micro_batch_tokens: int = 0  # packed: tokens per micro-batch instead (0: count captions)
+    cache_vision: bool = False  # the vision tower is frozen: its features once per step
+
+    @classmethod
+    def from_config(cls, cfg) -> "ForwardPlan":
+        return cls(cfg.train.packed, cfg.train.micro_batch, cfg.train.micro_batch_tokens, cfg.model.freeze_vision)
+
+
+def caption_batches(model, samples: list[Sample], pad_id: int, device, plan: ForwardPlan
+                    ) -> Iterator[tuple[list[Sample], torch.Tensor, torch.Tensor]]:
+    """(micro-batch, h (N, D), y (N,)) per micro-batch: the hidden states that predict its caption
+    tokens and those tokens, sample by sample (the row-major order of `caption_mask`)."""
+    if plan.packed:
+        limit = 0 if plan.micro_batch_tokens else plan.micro_batch
+        for groups in token_budget_batches(samples, group_samples(samples), plan.micro_batch_tokens, limit):
+            batch = pack(model, samples, groups, device, plan.cache_vision)
+            h, y = packed_hidden(model, batch)
+            yield [samples[i] for i in batch.order], h, y
+    else:
+        for i in range(0, len(samples), plan.micro_batch):
+            mb = samples[i:i + plan.micro_batch]
+            yield (mb, *caption_hidden(model, collate(mb, pad_id, device)))
+
+
+def computed_tokens(samples: list[Sample], plan: ForwardPlan) -> int:
+    """Tokens the decoder computes for `samples`: packed, each question's prompt once and every
+    caption; padded, every row's prompt and caption (padding not counted)."""
+    if not plan.packed:
+        return sum(len(s.input_ids) for s in samples)
+    return sum(packed_tokens(samples, g) for g in group_samples(samples))
+
+
+def caption_mask(mb: list[Sample], device) -> torch.Tensor:
+    """(B, L) bool: sample b's caption tokens in its first len(caption) columns."""
+    lengths = torch.tensor([len(s.input_ids) - s.prompt_len for s in mb])
+    L = max(int(lengths.max()) if len(mb) else 0, 1)
+    return (torch.arange(L)[None] < lengths[:, None]).to(device)
+
+
+def caption_values(mb: list[Sample], attr: str, L: int, device) -> torch.Tensor | None:
+    """(B, L) of a per-token attribute (old_logp, ref_logp, rollout_logp) at the caption tokens."""
+    if getattr(mb[0], attr) is None:
+        return None
+    out = torch.zeros((len(mb), L), dtype=torch.float32)
+    for b, s in enumerate(mb):
+        v = getattr(s, attr)[s.prompt_len - 1:]
+        out[b, :v.numel()] = v
+    return out.to(device)
 
 
 @torch.no_grad()
-def fill_logprobs(backend, model, samples: list[Sample], attr: str, micro_batch: int, temperature: float,
-                  pad_id: int, device) -> None:
-    """Store per-token log-probs of `model` on each sample (old policy or reference)."""
+def fill_logprobs(backend, model, samples: list[Sample], attr: str, temperature: float, pad_id: int, device,
+                  plan: ForwardPlan) -> None:
+    """Store per-token log-probs of `model` on each sample (old policy or reference), in the layout
+    of input_ids[1:] with zeros over the prompt."""
     was_training = model.training
     model.eval()
-    for i in range(0, len(samples), micro_batch):
-        mb = samples[i:i + micro_batch]
-        batch = collate(mb, pad_id, device)
-        logp, _ = sequence_logprobs(model, batch, temperature, with_entropy=False)
-        for b, s in enumerate(mb):
-            setattr(s, attr, logp[b, :len(s.input_ids) - 1].float().cpu())
+    for mb, h, y in caption_batches(model, samples, pad_id, device, plan):
+        logp, _ = fused_linear_logprob(h, model.lm_head.weight, y, temperature, with_entropy=False)  # (N,)
+        logp = logp.float().cpu()
+        n = 0
+        for s in mb:
+            L = len(s.input_ids) - s.prompt_len
+            setattr(s, attr, torch.cat([torch.zeros(s.prompt_len - 1), logp[n:n + L]]))
+            n += L
     backend.reshard(model)
     model.train(was_training)

@@ -72,3 +72,28 @@ def collapse_signal(history: list[dict], window: int = 10) -> str:
                     f"{mean(last, 'reward_mean'):.3f} (train.min_caption_tokens sets a floor)")
     return ""
 
+
+
+# dense bf16 peak of the GPUs the MFU is reported for, TFLOP/s
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def decoder_params_per_token(text_config) -> int:
+    """Matmul parameters each token goes through in the decoder layers (attention projections and
+    the gated MLP), from the config: the same under every sharding."""
+    c = text_config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    attn = c.hidden_size * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    return c.num_hidden_layers * (attn + 3 * c.hidden_size * c.intermediate_size)
+
+
+def policy_flops(text_config, computed_tokens: float, caption_tokens: float) -> float:
+    """Matmul FLOPs of a forward + backward (6 per parameter per token): the decoder over the tokens
+    the forward computes, the vocabulary projection over the caption tokens. Attention scores and the
+    vision tower are left out, so an MFU from this is a lower bound."""
+    head = text_config.hidden_size * text_config.vocab_size
+    return 6.0 * (decoder_params_per_token(text_config) * computed_tokens + head * caption_tokens)
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)

@@ -169,3 +169,9 @@ def build_captioner_inputs(
         image_grid_thw=grid,
         vllm_prompt_ids=ids,
     )
+
+
+def mm_token_types(input_ids: Tensor, config) -> Tensor:
+    """transformers' modality of each token: 0 text, 1 image, 2 video (the input of get_rope_index)."""
+    return ((input_ids == config.image_token_id).int()
+            + 2 * (input_ids == config.video_token_id).int())

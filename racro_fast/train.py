@@ -8,16 +8,14 @@
 One step: questions -> weights pushed into the captioner engine -> G captions per question ->
 k answers per caption (reasoner engine) -> reward = mean verified correctness -> group advantages
 -> reference (and, with several updates per rollout, old) log-probs (`fused_linear_logprob`) ->
-micro-batches through `fused_linear_grpo` (hidden states to loss, gradients in the same pass) ->
-clip -> optimizer step. `train()` below names each phase.
+packed micro-batches, each question's prompt and images computed once (forward.py, packed.py),
+through `fused_linear_grpo` (hidden states to loss, gradients in the same pass) -> clip ->
+optimizer step. `train()` below names each phase.
 
 Left out on purpose:
 - No value model, no reward model: the reward is the reasoner's verified answer (RACRO).
 - No KL in the reward and no entropy bonus by default (the paper's settings); both exist as
   loss terms (loss.kl_coef, loss.entropy_coef).
-- No sequence packing across prompts for the captioner forward: Qwen2.5-VL's 3-D rotary positions
-  are computed per padded row; padding is removed before the vocabulary projection, which is where
-  the memory goes (the [tokens, vocab] logits are never built).
 - No callbacks or hooks: edit this loop.
 """
 from __future__ import annotations
@@ -43,9 +41,10 @@ from racro_fast.config import Config, ConfigError, check_paths, check_world, loa
 from racro_fast.data import RowDataset, RowStream
 from racro_fast.engines import (GenOutput, GenRequest, HFEngine, ReasonerError, ReasonerServer, SamplingConfig,
                                 ServerEngine, VLLMEngine, push_weights)
-from racro_fast.forward import Sample, caption_hidden, collate, fill_logprobs, pad_per_token
+from racro_fast.forward import (ForwardPlan, Sample, caption_batches, caption_mask, caption_values, computed_tokens,
+                                fill_logprobs)
 from racro_fast.kernels import fused_linear_grpo, grpo_advantages
-from racro_fast.metrics import MetricsLog, collapse_signal
+from racro_fast.metrics import MetricsLog, collapse_signal, peak_tflops, policy_flops
 from racro_fast.models import load_captioner, load_processors, load_reasoner
 from racro_fast.prompts import (CaptionerInputs, build_captioner_inputs, captioner_messages, clean_problem,
                                 reasoner_messages, text_prompt_ids)
@@ -73,12 +72,16 @@ def cut_at_vision_tokens(out, vision_ids: set[int], tokenizer) -> bool:
 # update metrics averaged over tokens (weighted by each micro-batch's token count)
 TOKEN_MEANS = ("clip_frac", "kl_mean", "ratio_mean", "entropy_mean", "rollout_kl", "is_weight_mean", "is_clipped_frac")
 
-def policy_update(backend, model, optimizer, samples: list[Sample], cfg: Config, pad_id: int, device) -> dict:
+def policy_update(backend, model, optimizer, samples: list[Sample], cfg: Config, pad_id: int, device,
+                  phases: "Phases | None" = None) -> dict:
     """One optimizer step over `samples` (one mini-batch), split into micro-batches.
 
     Token and sequence counts are the mini-batch's, summed over ranks, so the micro-batch losses add
     up to the loss of the whole global mini-batch. A non-finite loss or gradient norm skips the step.
+    `phases` collects the seconds of the policy's forward, loss (the fused op, gradients included)
+    and backward.
     """
+    phases = phases or Phases()
     n_tokens = float(sum(len(s.input_ids) - s.prompt_len for s in samples))
     n_seqs = float(sum(1 for s in samples if len(s.input_ids) > s.prompt_len))
     n_tokens, n_seqs = dist.all_reduce_sum([n_tokens, n_seqs])
@@ -88,23 +91,29 @@ def policy_update(backend, model, optimizer, samples: list[Sample], cfg: Config,
     weight = 0.0
     finite = True
     backend.zero_grad(model, optimizer)
-    for i in range(0, len(samples), cfg.train.micro_batch):
-        mb = samples[i:i + cfg.train.micro_batch]
-        batch = collate(mb, pad_id, device)
-        mask = batch["mask"]  # (B, T-1)
-        h, y = caption_hidden(model, batch)  # (N, D), (N,)
-        per_token = {k: pad_per_token([getattr(s, k) for s in mb], mask.shape[1], device)
-                     if getattr(mb[0], k) is not None else None for k in ("old_logp", "ref_logp", "rollout_logp")}
+    batches = iter(caption_batches(model, samples, pad_id, device, ForwardPlan.from_config(cfg)))
+    done = 0
+    while True:
+        with phases("policy_forward"):
+            item = next(batches, None)
+        if item is None:
+            break
+        mb, h, y = item  # h (N, D), y (N,)
+        done += len(mb)
+        mask = caption_mask(mb, device)  # (B, L)
+        per_token = {k: caption_values(mb, k, mask.shape[1], device) for k in ("old_logp", "ref_logp", "rollout_logp")}
         adv = torch.tensor([s.adv for s in mb], dtype=torch.float32, device=device)  # (B,)
         # the loss with dh and dW computed in this call: three GEMMs of the [N, D] x [D, V] size
-        loss, metrics = fused_linear_grpo(h, model.lm_head.weight, y, per_token["old_logp"], per_token["ref_logp"], adv,
-                                          mask, cfg.loss, cfg.rollout.temperature, max(n_tokens, 1.0),
-                                          max(n_seqs, 1.0), rollout_logp=per_token["rollout_logp"])
+        with phases("policy_loss"):
+            loss, metrics = fused_linear_grpo(h, model.lm_head.weight, y, per_token["old_logp"], per_token["ref_logp"],
+                                              adv, mask, cfg.loss, cfg.rollout.temperature, max(n_tokens, 1.0),
+                                              max(n_seqs, 1.0), rollout_logp=per_token["rollout_logp"])
         # every rank must take the same branch, or one waits forever in the others' collectives
         if dist.all_reduce_sum([0.0 if torch.isfinite(loss) else 1.0])[0] > 0:
             finite = False
             break
-        backend.backward(model, loss * scale, last=i + cfg.train.micro_batch >= len(samples))
+        with phases("policy_backward"):
+            backend.backward(model, loss * scale, last=done >= len(samples))
         w = float(metrics["num_tokens_local"])
         weight += w
         sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
@@ -178,17 +187,22 @@ class Engines:
 
 
 class Phases:
-    """Seconds per named phase of one step (`with phases("caption"): ...` -> `caption_s`)."""
+    """Seconds per named phase of one step (`with phases("caption"): ...` -> `caption_s`); on a GPU
+    each phase waits for the device at both ends, so its kernels count where they were launched."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
         t = time.perf_counter()
         try:
             yield
         finally:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
             key = f"{name}_s"
             self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t
 
@@ -431,22 +445,25 @@ def make_samples(cfg: Config, policy: Policy, inputs: list[CaptionerInputs], ro:
                for q, cap in enumerate(inputs) for g, c in enumerate(ro.captions[q])]
     # the importance weights compare the trainer's log-probs before the update with the engine's
     if updates_per_step > 1 or cfg.loss.is_mode != "off":
-        fill_logprobs(policy.backend, policy.model, samples, "old_logp", cfg.train.micro_batch,
-                      cfg.rollout.temperature, policy.pad_id, device)
+        fill_logprobs(policy.backend, policy.model, samples, "old_logp", cfg.rollout.temperature, policy.pad_id,
+                      device, ForwardPlan.from_config(cfg))
     if policy.ref is not None:
-        fill_logprobs(policy.backend, policy.ref, samples, "ref_logp", cfg.train.micro_batch,
-                      cfg.rollout.temperature, policy.pad_id, device)
+        fill_logprobs(policy.backend, policy.ref, samples, "ref_logp", cfg.rollout.temperature, policy.pad_id,
+                      device, ForwardPlan.from_config(cfg))
     return samples
 
 
-def update(cfg: Config, policy: Policy, samples: list[Sample], device: torch.device, updates_per_step: int) -> dict:
+def update(cfg: Config, policy: Policy, samples: list[Sample], device: torch.device, updates_per_step: int,
+           phases: Phases) -> dict:
     """The step's optimizer updates, each over a mini-batch of whole groups; metrics over them all.
 
     Means over the updates, except ratio_min / ratio_max (min / max over them) and grad_norm (mean
-    over the updates that were taken; `skipped` counts the others)."""
+    over the updates that were taken; `skipped` counts the others). This rank's policy throughput:
+    caption tokens per second of forward + loss + backward, and on a GPU the MFU of that time
+    (`metrics.policy_flops`: a lower bound)."""
     per_update = len(samples) // updates_per_step
     results = [policy_update(policy.backend, policy.model, policy.optimizer,
-                             samples[u * per_update:(u + 1) * per_update], cfg, policy.pad_id, device)
+                             samples[u * per_update:(u + 1) * per_update], cfg, policy.pad_id, device, phases)
                for u in range(updates_per_step)]
     policy.scheduler.step()
     out = {key: sum(r[key] for r in results) / len(results) for key in results[0]
@@ -457,6 +474,15 @@ def update(cfg: Config, policy: Policy, samples: list[Sample], device: torch.dev
     taken = [r["grad_norm"] for r in results if not r["skipped"]]
     out["grad_norm"] = sum(taken) / len(taken) if taken else float("nan")
     out["skipped"] = float(sum(r["skipped"] for r in results))
+    policy_s = sum(phases.seconds.get(f"policy_{k}_s", 0.0) for k in ("forward", "loss", "backward"))
+    captions = float(sum(len(s.input_ids) - s.prompt_len for s in samples))
+    if policy_s > 0:
+        out["policy_tokens_per_s"] = captions / policy_s
+        peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        if peak:
+            flops = policy_flops(policy.model.model.config.text_config,
+                                 computed_tokens(samples, ForwardPlan.from_config(cfg)), captions)
+            out["policy_mfu"] = flops / policy_s / (peak * 1e12)
     return out
 
 
@@ -553,7 +579,7 @@ def train(cfg: Config) -> dict:
             with phases("logprob"):
                 samples = make_samples(cfg, policy, inputs, ro, device, updates_per_step)
             with phases("train"):
-                upd = update(cfg, policy, samples, device, updates_per_step)
+                upd = update(cfg, policy, samples, device, updates_per_step, phases)
             parallel.memory_gauge("step", gauges)
             m = log_step(step, ro, upd, phases, gauges, t0, policy, dataset, engines.scorer, cfg.rollout.group_size, device)
             why = collapse_signal(history + [m])

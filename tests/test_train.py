@@ -175,3 +175,21 @@ def test_min_caption_tokens_floor(tmp_path, monkeypatch, tiny_captioner_dir, tin
         rewards[floor] = [m["reward_mean"] for m in history]
         assert all(m["collapse"] == 0.0 for m in history)
     assert rewards == {0: [1.0, 1.0], 7: [0.0, 0.0]}, rewards
+
+
+def test_profile_reports_phases_and_writes_the_trace(tmp_path, tiny_captioner_dir, tiny_reasoner_dir, capsys):
+    from racro_fast.cli import main
+    out = tmp_path / "prof"
+    overrides = [f"model.captioner={tiny_captioner_dir}", f"model.reasoner={tiny_reasoner_dir}",
+                 f"run.output_dir={out}", "train.questions_per_step=2", "train.mini_batch=2", "rollout.group_size=2",
+                 "rollout.max_caption_tokens=4", "rollout.max_reasoner_tokens=4", "data.synth_rows=8",
+                 "run.progress=false", "loss.kl_coef=0"]
+    assert main(["profile", "--config", str(ROOT / "configs" / "demo_cpu.yaml"), "--steps", "2", *overrides]) == 0
+    text = capsys.readouterr().out
+    summary = text[text.index("per step, mean over 1 step(s):"):]
+    for name in ("caption_s", "policy_forward_s", "policy_loss_s", "policy_backward_s", "policy_tokens_per_s"):
+        line = next(line for line in summary.splitlines() if line.split()[:1] == [name])
+        assert float(line.split()[1]) > 0, line
+    assert (out / "profile_trace.json").stat().st_size > 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["policy_forward_s"] + r["policy_backward_s"] <= r["train_s"] for r in rows)

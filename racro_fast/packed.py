@@ -1,0 +1,280 @@
+"""The policy forward with each question computed once: its images through the vision tower once,
+its prompt through the decoder once, and its G captions attending to that prompt, all in one
+packed row with no padding.
+
+    groups = group_samples(samples)               # runs of samples that share a prompt: [[0, 1, 2, 3], ...]
+    batch = pack(model, samples, groups, device)  # (1, T) tokens, (3, 1, T) positions, the layout
+    h, y = packed_hidden(model, batch)            # (N, D), (N,): the caption tokens, sample by sample
+
+Packed row of a micro-batch: [prompt_1, caption_1.1, ..., caption_1.G, prompt_2, caption_2.1, ...].
+Attention runs per segment (`varlen_attention`): a prompt attends causally to itself, a caption to
+[its prompt; itself] (causal, aligned at the end). That is flash-attn's varlen call with the keys
+gathered per segment; on other devices the same segments go through SDPA one by one (exact, and
+the only path tested without a GPU).
+
+Positions: Qwen2.5-VL's 3-D rotary positions of the prompt are `get_rope_index`'s; a caption's
+continue from the prompt's largest position + 1 on all three axes, as they do in a full row.
+The hidden state of a prompt's last token predicts the first token of each of its captions: it is
+computed once and gathered G times, so its gradient sums over the captions.
+
+Image features are computed once per question per forward. With the vision tower frozen they are
+computed once per step: the first pass stores them on the samples (`Sample.image_embeds`, shared by
+a question's samples) and later passes (old, reference, update) reuse them.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+import torch.nn.functional as F
+
+from racro_fast.prompts import mm_token_types
+
+PACKED_PREFIX = "racro_packed_"  # attention implementation names: racro_packed_sdpa, racro_packed_flash_attention_2
+
+
+# ----------------------------------------------------------------------------- attention
+
+@dataclass
+class VarlenLayout:
+    """Segments of one packed row: queries are the row itself, cut at `cu_q`; the keys of segment i
+    are the packed positions kv_index[cu_k[i]:cu_k[i + 1]] (a prompt's own tokens; a caption's
+    prompt then its own tokens). Causal, aligned at the end of the keys."""
+    cu_q: list[int]  # (S + 1,)
+    cu_k: list[int]  # (S + 1,)
+    kv_index: Tensor  # (cu_k[-1],) long
+    _masks: dict | None = None  # (q_len, k_len) -> bool mask, shared by every layer
+
+    def mask(self, q_len: int, k_len: int, device) -> Tensor:
+        if self._masks is None:
+            self._masks = {}
+        key = (q_len, k_len)
+        if key not in self._masks:
+            self._masks[key] = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+        return self._masks[key]
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, scale: float, dropout: float = 0.0
+                     ) -> Tensor:
+    """q (1, H, T, d), k and v (1, Hkv, T, d) of the packed row -> (1, T, H, d)."""
+    kc = k[0].index_select(1, layout.kv_index)  # (Hkv, K, d): each segment's keys, prompts repeated per caption
+    vc = v[0].index_select(1, layout.kv_index)
+    if q.is_cuda and _flash_varlen() is not None:
+        return _flash(q, kc, vc, layout, scale, dropout)
+    H, Hkv = q.shape[1], k.shape[1]
+    gqa = H != Hkv
+    out = []
+    for i in range(len(layout.cu_q) - 1):
+        q0, q1, k0, k1 = layout.cu_q[i], layout.cu_q[i + 1], layout.cu_k[i], layout.cu_k[i + 1]
+        if q1 == q0:
+            continue
+        qs, ks, vs = q[0, :, q0:q1], kc[:, k0:k1], vc[:, k0:k1]  # (H, Lq, d), (Hkv, Lk, d)
+        if q1 - q0 == k1 - k0:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, dropout_p=dropout,
+                                               enable_gqa=gqa)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=layout.mask(q1 - q0, k1 - k0, q.device),
+                                               scale=scale, dropout_p=dropout, enable_gqa=gqa)
+        out.append(o)  # (H, Lq, d)
+    return torch.cat(out, dim=1).transpose(0, 1).unsqueeze(0)  # (1, T, H, d)
+
+
+@functools.cache
+def _flash_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def _flash(q: Tensor, kc: Tensor, vc: Tensor, layout: VarlenLayout, scale: float, dropout: float) -> Tensor:
+    """flash-attn's varlen call: causal masks there are aligned at the end of the keys (flash-attn >= 2.1)."""
+    dev = q.device
+    cu_q = torch.tensor(layout.cu_q, dtype=torch.int32, device=dev)
+    cu_k = torch.tensor(layout.cu_k, dtype=torch.int32, device=dev)
+    max_q = max(b - a for a, b in zip(layout.cu_q, layout.cu_q[1:]))
+    max_k = max(b - a for a, b in zip(layout.cu_k, layout.cu_k[1:]))
+    o = _flash_varlen()(q[0].transpose(0, 1), kc.transpose(0, 1), vc.transpose(0, 1), cu_q, cu_k, max_q, max_k,
+                        dropout_p=dropout, softmax_scale=scale, causal=True)  # (T, H, d)
+    return o.unsqueeze(0)
+
+
+def _dispatch(base: str, module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+              packed_layout: VarlenLayout | None = None, **kwargs):
+    """The attention of a model with `enable_packed`: packed segments when a layout is passed, the
+    model's own implementation otherwise (generate, the padded forward)."""
+    if packed_layout is None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, dropout=dropout,
+                                             scaling=scaling, **kwargs)
+    return varlen_attention(query, key, value, packed_layout, scaling, dropout if module.training else 0.0), None
+
+
+def enable_packed(model) -> None:
+    """Route the language model's attention through `_dispatch` (registered as racro_packed_<impl>,
+    with <impl>'s masks); the vision tower keeps its own. Idempotent."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    text = model.model.config.text_config  # model.config is the engine's own under DeepSpeed
+    base = text._attn_implementation or "sdpa"
+    if base.startswith(PACKED_PREFIX):
+        return
+    if base not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
+        raise ValueError(f"model.attn_impl: the packed forward runs beside sdpa, eager or flash attention, not {base}")
+    name = PACKED_PREFIX + base
+    ALL_ATTENTION_FUNCTIONS.register(name, functools.partial(_dispatch, base))
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    text._attn_implementation = name
+
+
+# ----------------------------------------------------------------------------- packing
+
+def same_prompt(a, b) -> bool:
+    return (a.prompt_len == b.prompt_len and a.pixel_values is b.pixel_values
+            and a.input_ids[:a.prompt_len] == b.input_ids[:b.prompt_len])
+
+
+def group_samples(samples) -> list[list[int]]:
+    """Runs of consecutive samples with the same prompt (a question's captions), as index lists."""
+    groups: list[list[int]] = []
+    for i, s in enumerate(samples):
+        if groups and same_prompt(samples[groups[-1][0]], s):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def packed_tokens(samples, group: list[int]) -> int:
+    """Tokens a group adds to a packed row: its prompt once and each caption."""
+    s0 = samples[group[0]]
+    return s0.prompt_len + sum(len(samples[i].input_ids) - samples[i].prompt_len for i in group)
+
+
+def token_budget_batches(samples, groups: list[list[int]], budget: int, max_samples: int) -> list[list[list[int]]]:
+    """Micro-batches of whole groups: each filled up to `budget` packed tokens (0: no token budget)
+    and `max_samples` captions (0: no count limit); a group beyond either goes alone."""
+    out: list[list[list[int]]] = []
+    tokens = count = 0
+    for g in groups:
+        n = packed_tokens(samples, g)
+        if out and (not budget or tokens + n <= budget) and (not max_samples or count + len(g) <= max_samples):
+            out[-1].append(g)
+            tokens, count = tokens + n, count + len(g)
+        else:
+            out.append([g])
+            tokens, count = n, len(g)
+    return out
+
+
+@dataclass
+class PackedBatch:
+    input_ids: Tensor  # (1, T)
+    position_ids: Tensor  # (3, 1, T)
+    layout: VarlenLayout
+    images: dict  # image_embeds (image tokens, D), or pixel_values and image_grid_thw, in row order
+    gather: Tensor  # (N,) packed positions whose hidden states predict the caption tokens
+    targets: Tensor  # (N,)
+    mask: Tensor  # (B, L) bool: sample b's caption tokens in its first lengths[b] columns
+    order: list[int]  # the samples' indices, in row order (b of mask -> samples[order[b]])
+
+
+def prompt_positions(model, ids: Tensor, grid: Tensor | None) -> Tensor:
+    """(3, P) rotary positions of a prompt (1-D positions on all axes when it has no image)."""
+    inner = model.model
+    if grid is None:
+        return torch.arange(ids.numel(), device=ids.device).expand(3, -1)
+    pos, _ = inner.get_rope_index(ids[None], mm_token_types(ids[None], model.model.config), image_grid_thw=grid)
+    return pos[:, 0]
+
+
+def cached_image_features(model, samples, groups: list[list[int]]) -> None:
+    """Store each group's image features (image tokens, D) on its samples, computed without grad in
+    one vision call for the groups that have none yet: a frozen vision tower's, reused by every
+    pass of the step."""
+    need = [g for g in groups if samples[g[0]].pixel_values is not None and samples[g[0]].image_embeds is None]
+    if not need:
+        return
+    dev = model.lm_head.weight.device
+    pv = torch.cat([samples[g[0]].pixel_values for g in need]).to(dev)
+    grid = torch.cat([samples[g[0]].image_grid_thw for g in need]).to(dev)
+    with torch.no_grad():
+        per_image = iter(model.model.get_image_features(pv, grid, return_dict=True).pooler_output)
+    for g in need:
+        feats = torch.cat([next(per_image) for _ in range(len(samples[g[0]].image_grid_thw))])
+        for i in g:
+            samples[i].image_embeds = feats
+
+
+def pack(model, samples, groups: list[list[int]], device, cache_vision: bool) -> PackedBatch:
+    """One packed row of `groups` (index lists into samples). cache_vision: the vision tower is frozen,
+    so its features are computed once per step (`cached_image_features`); otherwise the images go
+    through the tower inside the forward, once per question."""
+    ids, pos, cu_q, cu_k, kv, gather, targets, order, lengths = [], [], [0], [0], [], [], [], [], []
+    if cache_vision:
+        cached_image_features(model, samples, groups)
+    with_images = [samples[g[0]] for g in groups if samples[g[0]].pixel_values is not None]
+    t = 0
+    for g in groups:
+        s0 = samples[g[0]]
+        P = s0.prompt_len
+        p_ids = torch.tensor(s0.input_ids[:P], device=device)
+        p_pos = prompt_positions(model, p_ids, s0.image_grid_thw.to(device) if s0.image_grid_thw is not None else None)
+        start = int(p_pos.max()) + 1 if P else 0
+        ids.append(p_ids)
+        pos.append(p_pos)
+        prompt = torch.arange(t, t + P, device=device)
+        kv.append(prompt)
+        cu_q.append(t + P)
+        cu_k.append(cu_k[-1] + P)
+        last = t + P - 1  # the prompt's last token predicts each caption's first
+        t += P
+        for i in g:
+            s = samples[i]
+            cap = s.input_ids[P:]
+            L = len(cap)
+            ids.append(torch.tensor(cap, dtype=torch.long, device=device))
+            pos.append((start + torch.arange(L, device=device)).expand(3, -1))
+            kv.extend([prompt, torch.arange(t, t + L, device=device)])
+            cu_q.append(t + L)
+            cu_k.append(cu_k[-1] + P + L)
+            if L:
+                gather.append(torch.cat([torch.tensor([last], device=device), torch.arange(t, t + L - 1, device=device)]))
+                targets.append(ids[-1])
+            t += L
+            order.append(i)
+            lengths.append(L)
+    B, Lmax = len(order), max(lengths, default=0)
+    mask = torch.arange(max(Lmax, 1), device=device)[None] < torch.tensor(lengths, device=device)[:, None]  # (B, L)
+    images = {}
+    if with_images and cache_vision:
+        images["image_embeds"] = torch.cat([s.image_embeds for s in with_images])
+    elif with_images:
+        images["pixel_values"] = torch.cat([s.pixel_values for s in with_images]).to(device)
+        images["image_grid_thw"] = torch.cat([s.image_grid_thw for s in with_images]).to(device)
+    return PackedBatch(
+        input_ids=torch.cat(ids)[None], position_ids=torch.cat(pos, dim=1)[:, None],
+        layout=VarlenLayout(cu_q, cu_k, torch.cat(kv)), images=images,
+        gather=torch.cat(gather) if gather else torch.zeros(0, dtype=torch.long, device=device),
+        targets=torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long, device=device),
+        mask=mask, order=order)
+
+
+def packed_hidden(model, batch: PackedBatch) -> tuple[Tensor, Tensor]:
+    """The decoder's last hidden state at the positions that predict caption tokens, h (N, D), and
+    those tokens, y (N,), in the mask's row-major order."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    enable_packed(model)
+    images = dict(batch.images)
+    if "image_embeds" in images:
+        images = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=(images["image_embeds"],))}}
+    hidden = model.model(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, **images,
+        # no mask to build: the layout is the mask
+        attention_mask={"full_attention": None, "sliding_attention": None},
+        packed_layout=batch.layout, use_cache=False,
+    ).last_hidden_state  # (1, T, D)
+    return hidden[0].index_select(0, batch.gather), batch.targets

@@ -1,0 +1,187 @@
+"""The packed policy forward (packed.py) against the padded one (one row per caption).
+
+A question's prompt and images are computed once and its captions attend to them; the log-probs and
+every parameter's gradient must equal the padded forward's, for one and several images per
+question, captions of different lengths (empty included) and G = 1..8. FSDP2 / DeepSpeed on 2 ranks
+run the packed forward in tests/test_dist.py.
+"""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_close
+from racro_fast.forward import ForwardPlan, Sample, caption_batches, caption_mask, fill_logprobs
+from racro_fast.packed import enable_packed, group_samples, pack, token_budget_batches
+from racro_fast.parallel import Single
+from racro_fast.prompts import build_captioner_inputs, captioner_messages, mm_token_types
+from racro_fast.synth import make_rows
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_captioner_dir):
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+    tok = AutoTokenizer.from_pretrained(str(tiny_captioner_dir))
+    proc = Qwen2VLImageProcessor.from_pretrained(str(tiny_captioner_dir))
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_captioner_dir), dtype=torch.float32)
+    return model.train(), tok, proc
+
+
+def make_samples(tok, proc, images_per_question: list[int], G: int, seed: int = 0) -> list[Sample]:
+    """Questions with 0..n images, G captions each of lengths 0, 1, ... (random tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for q, n_img in enumerate(images_per_question):
+        row = make_rows("count", 1, seed=q + 1)[0]
+        image = Image.open(io.BytesIO(row["images"][0]["bytes"])).convert("RGB")
+        cap = build_captioner_inputs(tok, proc, captioner_messages(row["problem"], n_img), [image] * n_img)
+        pv = cap.pixel_values if n_img else None
+        grid = cap.image_grid_thw if n_img else None
+        for i in range(G):
+            L = (i * 5 + q) % 13  # 0 for the first caption of the first question
+            caption = torch.randint(20, 200, (L,), generator=g).tolist()
+            samples.append(Sample(cap.prompt_ids + caption, len(cap.prompt_ids), pv, grid,
+                                  adv=float(torch.randn((), generator=g))))
+    return samples
+
+
+def logprobs_and_grads(model, samples, plan: ForwardPlan, pad_id: int):
+    """Per-token log-probs (sample order) and every parameter's gradient of sum(w * logp)."""
+    model.zero_grad(set_to_none=True)
+    out = []
+    for mb, h, y in caption_batches(model, samples, pad_id, CPU, plan):
+        logp = torch.log_softmax(h @ model.lm_head.weight.T, dim=-1).gather(1, y[:, None])[:, 0]
+        w = torch.cat([torch.full((len(s.input_ids) - s.prompt_len,), s.adv) for s in mb])
+        (logp * w).sum().backward()
+        out.append(logp.detach())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return torch.cat(out), grads
+
+
+@pytest.mark.parametrize("images,G", [([1], 1), ([1, 2], 3), ([2, 0, 1], 8)])
+def test_packed_equals_padded(tiny, images, G):
+    model, tok, proc = tiny
+    samples = make_samples(tok, proc, images, G)
+    padded, g_pad = logprobs_and_grads(model, samples, ForwardPlan(packed=False, micro_batch=4), tok.pad_token_id)
+    packed, g_pack = logprobs_and_grads(model, samples, ForwardPlan(packed=True, micro_batch=G), tok.pad_token_id)
+    assert packed.shape == padded.shape
+    assert_close(packed, padded, 1e-5, "log-probs")
+    assert g_pack.keys() == g_pad.keys()
+    assert any(k.startswith("model.visual") for k in g_pack)
+    for k in g_pad:
+        scale = g_pad[k].abs().max().clamp_min(1e-6)
+        assert_close(g_pack[k] / scale, g_pad[k] / scale, 1e-4, k)
+
+
+def test_packed_positions_are_the_full_rows(tiny):
+    """A caption's 3-D positions continue its prompt's exactly as in a full [prompt; caption] row."""
+    model, tok, proc = tiny
+    samples = make_samples(tok, proc, [2, 1], G=3)
+    groups = group_samples(samples)
+    assert groups == [[0, 1, 2], [3, 4, 5]]
+    batch = pack(model, samples, groups, CPU, cache_vision=False)
+    cu = batch.layout.cu_q
+    seg = 0
+    for g in groups:
+        P = samples[g[0]].prompt_len
+        prompt_pos = batch.position_ids[:, 0, cu[seg]:cu[seg + 1]]
+        seg += 1
+        for i in g:
+            s = samples[i]
+            ids = torch.tensor(s.input_ids)[None]
+            full, _ = model.model.get_rope_index(ids, mm_token_types(ids, model.config), image_grid_thw=s.image_grid_thw)
+            got = torch.cat([prompt_pos, batch.position_ids[:, 0, cu[seg]:cu[seg + 1]]], dim=1)
+            assert torch.equal(got, full[:, 0]), i
+            seg += 1
+
+
+def test_frozen_vision_runs_once_per_step(tiny):
+    """With the vision tower frozen, the old, reference and update passes share one vision call per
+    question; the log-probs equal the padded forward's."""
+    model, tok, proc = tiny
+    samples = make_samples(tok, proc, [1, 2], G=4)
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda m, args, out: calls.append(int(args[0].shape[0])))
+    try:
+        model.model.visual.requires_grad_(False)
+        plan = ForwardPlan(packed=True, micro_batch=4, cache_vision=True)
+        fill_logprobs(Single(None), model, samples, "old_logp", 1.0, tok.pad_token_id, CPU, plan)
+        fill_logprobs(Single(None), model, samples, "ref_logp", 1.0, tok.pad_token_id, CPU, plan)
+        packed, _ = logprobs_and_grads(model, samples, plan, tok.pad_token_id)
+        patches = sum(int(samples[g[0]].pixel_values.shape[0]) for g in group_samples(samples))
+        assert sum(calls) == patches, (calls, patches)  # each question's patches once, over three passes
+        calls.clear()
+        padded, _ = logprobs_and_grads(model, samples, ForwardPlan(packed=False, micro_batch=8), tok.pad_token_id)
+        assert sum(calls) == 4 * patches  # the padded forward encodes every caption's images
+    finally:
+        hook.remove()
+        model.model.visual.requires_grad_(True)
+    assert_close(packed, padded, 1e-5, "log-probs")
+    old = torch.cat([s.old_logp[s.prompt_len - 1:] for s in samples])
+    assert_close(old, packed, 1e-5, "old log-probs")
+
+
+def test_vision_runs_once_per_question_in_each_forward(tiny):
+    model, tok, proc = tiny
+    samples = make_samples(tok, proc, [1, 2, 1], G=4)
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda m, args, out: calls.append(int(args[0].shape[0])))
+    try:
+        logprobs_and_grads(model, samples, ForwardPlan(packed=True, micro_batch=8), tok.pad_token_id)
+    finally:
+        hook.remove()
+    groups = group_samples(samples)
+    assert len(calls) == 2  # micro-batches of two questions, then one
+    assert sum(calls) == sum(int(samples[g[0]].pixel_values.shape[0]) for g in groups)
+
+
+def test_token_budget_keeps_groups_whole(tiny):
+    model, tok, proc = tiny
+    samples = make_samples(tok, proc, [1, 1, 1, 1], G=3)
+    groups = group_samples(samples)
+    per_group = [samples[g[0]].prompt_len + sum(len(samples[i].input_ids) - samples[i].prompt_len for i in g)
+                 for g in groups]
+    budget = per_group[0] + per_group[1]
+    batches = token_budget_batches(samples, groups, budget, 0)
+    assert [len(b) for b in batches][0] == 2
+    assert [i for b in batches for g in b for i in g] == list(range(len(samples)))
+    for b in batches:
+        assert len(b) == 1 or sum(per_group[groups.index(g)] for g in b) <= budget
+    assert token_budget_batches(samples, groups, 1, 0) == [[g] for g in groups]  # each group alone
+    assert token_budget_batches(samples, groups, 0, 6) == [groups[:2], groups[2:]]
+
+
+def test_mask_matches_the_token_order(tiny):
+    model, tok, proc = tiny
+    samples = make_samples(tok, proc, [1, 1], G=3)
+    for mb, h, y in caption_batches(model, samples, tok.pad_token_id, CPU, ForwardPlan(micro_batch=6)):
+        mask = caption_mask(mb, CPU)
+        assert int(mask.sum()) == h.shape[0] == y.shape[0]
+        expect = torch.cat([torch.tensor(s.input_ids[s.prompt_len:], dtype=torch.long) for s in mb])
+        assert torch.equal(y, expect)
+
+
+def test_enable_packed_leaves_the_padded_forward_and_generate_alone(tiny_captioner_dir, tiny):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    _, tok, proc = tiny
+    plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_captioner_dir), dtype=torch.float32).eval()
+    samples = make_samples(tok, proc, [1, 2], G=2)
+    plan = ForwardPlan(packed=False, micro_batch=4)
+    with torch.no_grad():
+        before = torch.cat([h for _, h, _ in caption_batches(plain, samples, tok.pad_token_id, CPU, plan)])
+        enable_packed(plain)
+        enable_packed(plain)  # idempotent
+        assert plain.config.text_config._attn_implementation == "racro_packed_sdpa"
+        assert plain.config.vision_config._attn_implementation != "racro_packed_sdpa"
+        after = torch.cat([h for _, h, _ in caption_batches(plain, samples, tok.pad_token_id, CPU, plan)])
+    assert torch.equal(before, after)
+    from racro_fast.engines import GenRequest, HFEngine, SamplingConfig
+    s = samples[0]
+    req = GenRequest(prompt_ids=s.input_ids[:s.prompt_len], pixel_values=s.pixel_values, image_grid_thw=s.image_grid_thw)
+    out = HFEngine(plain, tok).generate([req], SamplingConfig(n=1, temperature=0.0, max_tokens=4))
+    assert len(out[0][0].token_ids) >= 1
