@@ -44,7 +44,6 @@ from common import append_rows, measure, merge_rounds, print_table, round_ratios
 
 PROVIDERS = ("ours", "ours_padded", "trl")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
 
 def model_config(layers: int, hidden: int, vocab: int):
@@ -133,20 +132,9 @@ def update_fn(provider: str, model, samples, device: torch.device, G: int):
     return {"ours": ours(True), "ours_padded": ours(False), "trl": trl}[provider]
 
 
-def step_flops(model, samples, packed: bool) -> float:
-    """Matmul FLOPs of forward + backward (6 per parameter per token) over the tokens the path
-    computes: the decoder over every computed token, the head over the caption tokens; attention
-    and the vision tower left out (a lower bound for MFU)."""
-    text = model.config.text_config
-    D, V = text.hidden_size, text.vocab_size
-    per_token = sum(p.numel() for n, p in model.model.language_model.layers.named_parameters())
-    captions = sum(len(s.input_ids) - s.prompt_len for s in samples)
-    prompts = (sum(s.prompt_len for s in samples) if not packed
-               else sum(s.prompt_len for i, s in enumerate(samples) if i == 0 or samples[i - 1].pixel_values is not s.pixel_values))
-    return 6.0 * (per_token * (prompts + captions) + D * V * captions)
-
-
 def run_one(spec: dict) -> dict:
+    from racro_fast.forward import ForwardPlan, computed_tokens
+    from racro_fast.metrics import peak_tflops, policy_flops
     torch.set_num_threads(spec["threads"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, samples = build(spec, device)
@@ -158,10 +146,11 @@ def run_one(spec: dict) -> dict:
         return dict(out, ms=float("nan"), peak_mb=float("nan"), note=f"{type(e).__name__}: {str(e)[:160]}")
     captions = sum(len(s.input_ids) - s.prompt_len for s in samples)
     out["caption_tokens_per_s"] = captions / (out["ms"] / 1e3)
-    if device.type == "cuda":
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
-        if peak:
-            out["mfu"] = step_flops(model, samples, spec["provider"] == "ours") / (out["ms"] / 1e3) / (peak * 1e12)
+    peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
+    if peak:  # matmul FLOPs of the tokens this provider computes (metrics.policy_flops: a lower bound)
+        computed = computed_tokens(samples, ForwardPlan(packed=spec["provider"] == "ours"))
+        flops = policy_flops(model.config.text_config, computed, captions)
+        out["mfu"] = flops / (out["ms"] / 1e3) / (peak * 1e12)
     return out
 
 

@@ -18,7 +18,8 @@ import re
 
 from racro_fast.plots import grouped_bars
 
-SHAPE_KEYS = ("N", "D", "V")
+# the shape of a row: a kernel's N x D x V, or bench_step's layers x hidden x vocab x prefix x caption x group
+SHAPE_KEYS = ("N", "D", "V", "layers", "hidden", "vocab", "P", "C", "G")
 
 
 def _float(x: str) -> float:

@@ -3,7 +3,7 @@ its prompt through the decoder once, and its G captions attending to that prompt
 packed row with no padding.
 
     groups = group_samples(samples)               # runs of samples that share a prompt: [[0, 1, 2, 3], ...]
-    batch = pack(model, samples, groups, device)  # (1, T) tokens, (3, 1, T) positions, the layout
+    batch = pack(model, samples, groups, device, cache_vision=False)  # (1, T) tokens, (3, 1, T) positions
     h, y = packed_hidden(model, batch)            # (N, D), (N,): the caption tokens, sample by sample
 
 Packed row of a micro-batch: [prompt_1, caption_1.1, ..., caption_1.G, prompt_2, caption_2.1, ...].

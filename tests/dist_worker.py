@@ -30,9 +30,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tiny_update_cfg(captioner: str, backend: str = "fsdp2", ds_config: str = ""):
+def tiny_update_cfg(captioner: str, backend: str = "fsdp2", ds_config: str = "", packed: bool = True):
     from racro_fast.config import load_config
     extra = [f"dist.deepspeed_config={ds_config}"] if ds_config else []
+    extra += [] if packed else ["train.packed=false"]
     return load_config(ROOT / "configs" / "demo_cpu.yaml", [
         f"model.captioner={captioner}", f"model.reasoner={captioner}", "train.micro_batch=1",
         "train.grad_clip=1.0", f"dist.backend={backend}", "loss.entropy_coef=0.01", "loss.kl_coef=0", *extra])
@@ -63,12 +64,13 @@ def _optimizer(model, cfg) -> torch.optim.Optimizer:
 
 
 def update_in_process(captioner: str) -> dict:
-    """The reference: the same step over all samples in one process, no wrapping."""
+    """The reference: the same step over all samples in one process, no wrapping, through the
+    padded forward (the 2-rank runs use the packed one)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from racro_fast.parallel import Single
     from racro_fast.train import policy_update
-    cfg = tiny_update_cfg(captioner)
+    cfg = tiny_update_cfg(captioner, packed=False)
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(captioner, dtype=torch.float32).train()
     opt = _optimizer(model, cfg)

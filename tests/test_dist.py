@@ -3,8 +3,9 @@
 Each test starts tests/dist_worker.py on 2 ranks with the tiny models from the conftest fixtures
 and compares what rank 0 saved with a one-process run of the same work:
 
-- one `policy_update` on fixed samples split over 2 ranks == the same update on all samples in one
-  process (summed loss, gradient norm, updated weights), for FSDP2 and DeepSpeed ZeRO-2 / ZeRO-3;
+- one `policy_update` on fixed samples split over 2 ranks (packed forward) == the same update on all
+  samples in one process through the padded forward (summed loss, gradient norm, updated weights),
+  for FSDP2 and DeepSpeed ZeRO-2 / ZeRO-3;
   the gathered full state before the update == the unsharded model, exactly;
 - the real `train()` on 2 ranks: 2 steps straight == 1 step + checkpoint + resume (losses, weights);
 - each rank's own vLLM engine serves weights gathered from FSDP2 shards (log-probs == HF's).

@@ -13,7 +13,8 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
 
 from racro_fast.engines import GenOutput, GenRequest, HFEngine, SamplingConfig, make_engine
-from racro_fast.prompts import build_captioner_inputs, captioner_messages, reasoner_messages, text_prompt_ids
+from racro_fast.prompts import (build_captioner_inputs, captioner_messages, mm_token_types, reasoner_messages,
+                                text_prompt_ids)
 
 ATOL_HF = 1e-4
 ATOL_VLLM = 1e-3
@@ -26,7 +27,12 @@ def teacher_forced_logp(
     ids = torch.tensor([request.prompt_ids + out.token_ids])
     extra = {}
     if request.pixel_values is not None:
-        extra = {"pixel_values": request.pixel_values, "image_grid_thw": request.image_grid_thw}
+        # with the prompt's token modalities, as the engine passes them (Qwen2.5-VL's 3-D positions);
+        # generate continues the sampled tokens as text, whatever they are
+        types = mm_token_types(ids[:, :len(request.prompt_ids)], model.config)
+        types = torch.cat([types, torch.zeros((1, len(out.token_ids)), dtype=types.dtype)], dim=1)
+        extra = {"pixel_values": request.pixel_values, "image_grid_thw": request.image_grid_thw,
+                 "mm_token_type_ids": types}
     with torch.no_grad():
         logits = model(input_ids=ids, **extra).logits[0, len(request.prompt_ids) - 1 : -1].float()
     z = logits / (temperature if temperature > 0 else 1.0)
