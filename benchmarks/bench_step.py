@@ -40,7 +40,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import append_rows, measure, merge_rounds, print_table, round_ratios, run_isolated  # noqa: E402
+from common import (add_run_args, append_rows, measure, merge_rounds, print_table, round_ratios, run_isolated,  # noqa: E402
+                    serve_worker)
 
 PROVIDERS = ("ours", "ours_padded", "trl")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -184,16 +185,11 @@ def main() -> None:
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=None, help="default: 2 on CPU, 5 on CUDA")
-    p.add_argument("--rounds", type=int, default=1, help="repeat every provider in turn; medians")
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="a tiny model, for a smoke run")
     p.add_argument("--no-check", action="store_true", help="skip the gradient comparison")
-    p.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "step.csv"))
-    p.add_argument("--no-csv", action="store_true")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_run_args(p, os.path.abspath(__file__), "step")
     args = p.parse_args()
-    if args.worker:
-        print(json.dumps(run_one(json.loads(args.worker))))
+    if serve_worker(args, run_one):
         return
     if args.quick:
         args.layers, args.hidden, args.vocab, args.prefix_tokens, args.caption_tokens = 2, 128, 512, 96, 24

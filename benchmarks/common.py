@@ -254,6 +254,24 @@ def run_spec(script: str, run_one: Callable[[dict], dict], spec: dict) -> dict:
     return r
 
 
+def add_run_args(p: argparse.ArgumentParser, script: str, kernel: str) -> None:
+    """--rounds, --threads, --csv (results/<kernel>.csv beside the script), --no-csv and the hidden
+    --worker of a CPU measurement's subprocess."""
+    p.add_argument("--rounds", type=int, default=1, help="repeat every measurement, providers interleaved; medians")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--csv", default=os.path.join(os.path.dirname(script), "results", f"{kernel}.csv"))
+    p.add_argument("--no-csv", action="store_true")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+
+
+def serve_worker(args: argparse.Namespace, run_one: Callable[[dict], dict]) -> bool:
+    """In a --worker subprocess: run the one measurement, print its JSON row, and return True."""
+    if not args.worker:
+        return False
+    print(json.dumps(run_one(json.loads(args.worker))))
+    return True
+
+
 def run_benchmark(script: str, doc: str, run_one: Callable[[dict], dict], *, kernel: str, dims: str,
                   dtypes: dict, providers: tuple[str, ...], modes: tuple[str, ...],
                   gpu_shapes: list[tuple[int, ...]], cpu_shapes: list[tuple[int, ...]],
@@ -280,14 +298,9 @@ def run_benchmark(script: str, doc: str, run_one: Callable[[dict], dict], *, ker
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="tiny shapes, 1 warm-up, 2 reps")
-    p.add_argument("--rounds", type=int, default=1, help="repeat every measurement, providers interleaved; medians")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--csv", default=os.path.join(os.path.dirname(script), "results", f"{kernel}.csv"))
-    p.add_argument("--no-csv", action="store_true")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_run_args(p, script, kernel)
     args = p.parse_args()
-    if args.worker:
-        print(json.dumps(run_one(json.loads(args.worker))))
+    if serve_worker(args, run_one):
         return
     if args.threads:
         torch.set_num_threads(args.threads)  # also recorded in the CSV's device column
