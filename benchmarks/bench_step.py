@@ -71,7 +71,8 @@ def build(spec: dict, device: torch.device):
     from racro_fast.forward import Sample
     torch.manual_seed(0)
     V = spec["vocab"]
-    model = Qwen2_5_VLForConditionalGeneration(model_config(spec["layers"], spec["hidden"], V))
+    with device:  # initialised where it runs: a 7B-wide model's random init on the host takes a minute
+        model = Qwen2_5_VLForConditionalGeneration(model_config(spec["layers"], spec["hidden"], V))
     model = model.to(device, DTYPES[spec["dtype"]]).train()
     g = torch.Generator().manual_seed(1)
     P, C, G = spec["P"], spec["C"], spec["G"]

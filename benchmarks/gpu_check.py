@@ -5,8 +5,9 @@
 1. the kernel tests on CUDA (TRITON_INTERPRET=0: the compiled kernels against their references);
 2. the kernel benchmarks at the README's target shapes, ours against eager (and Liger-Kernel when
    installed): fused_linear_logprob and fused_linear_grpo fwd+bwd at N=16384 D=3584 V=152064 bf16
-   (with their 4- and 3-GEMM floors), logprob_from_logits and grpo_loss at their GPU shapes; rows
-   appended to benchmarks/results/<kernel>.csv;
+   (with their 4- and 3-GEMM floors), logprob_from_logits and grpo_loss at their GPU shapes, and
+   one whole update (bench_step.py: the packed forward against the padded one and a TRL-style step,
+   Qwen2.5-VL-7B sizes with 4 layers, MFU); rows appended to benchmarks/results/<kernel>.csv;
 3. 3 trainer steps on CUDA: tiny random Qwen2.5-VL captioner and Qwen2 reasoner, HF engines,
    FSDP2 at world size 1 over nccl (`torchrun --nproc_per_node 1`), with the per-phase seconds and
    memory gauges of every step.
@@ -34,6 +35,8 @@ BENCH = [
     ("fused_linear_grpo", ["--shapes", "16384x3584x152064", "--rounds", "2"]),
     ("logprob_from_logits", []),
     ("grpo_loss", []),
+    # one whole update at the 7B's sizes with 4 layers: packed against padded and TRL-style, MFU
+    ("step", ["--layers", "4", "--reps", "3"]),
 ]
 
 
@@ -100,8 +103,11 @@ def main() -> int:
             cmd = [sys.executable, str(ROOT / "benchmarks" / f"bench_{name}.py"),
                    *(extra if cuda else ["--quick", "--no-csv"])]
             rc, out, s = run(cmd, log, timeout=left, env=env)
-            ratios = [line.strip() for line in out.splitlines() if line.startswith("ours / ")]
+            lines = out.splitlines()
+            ratios = [line.strip() for line in lines if line.startswith("ours / ") or " / ours: " in line]
             summary["bench"][name] = {"rc": rc, "seconds": round(s, 1), "ratios": ratios}
+            if lines and lines[-1].startswith("{"):  # bench_step's summary line
+                summary["bench"][name]["summary"] = json.loads(lines[-1])
         # 3. three trainer steps
         with tempfile.TemporaryDirectory() as tmp:
             cap, rsn = tiny_models(Path(tmp) / "models")

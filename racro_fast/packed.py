@@ -24,6 +24,7 @@ a question's samples) and later passes (old, reference, update) reuse them.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -108,8 +109,10 @@ def _dispatch(base: str, module, query, key, value, attention_mask, dropout: flo
     model's own implementation otherwise (generate, the padded forward)."""
     if packed_layout is None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, dropout=dropout,
-                                             scaling=scaling, **kwargs)
+        # eager is the modeling file's own function, not a registered one
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(base, eager)
+        return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     return varlen_attention(query, key, value, packed_layout, scaling, dropout if module.training else 0.0), None
 
 

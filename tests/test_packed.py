@@ -63,12 +63,17 @@ def logprobs_and_grads(model, samples, plan: ForwardPlan, pad_id: int):
     return torch.cat(out), grads
 
 
-@pytest.mark.parametrize("images,G", [([1], 1), ([1, 2], 3), ([2, 0, 1], 8)])
-def test_packed_equals_padded(tiny, images, G):
+@pytest.mark.parametrize("images,G,checkpointing", [([1], 1, False), ([1, 2], 3, False), ([2, 0, 1], 8, False),
+                                                    ([1, 2], 4, True)])
+def test_packed_equals_padded(tiny, images, G, checkpointing):
+    """checkpointing: the decoder layers recomputed in the backward take the packed path again."""
     model, tok, proc = tiny
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     samples = make_samples(tok, proc, images, G)
     padded, g_pad = logprobs_and_grads(model, samples, ForwardPlan(packed=False, micro_batch=4), tok.pad_token_id)
     packed, g_pack = logprobs_and_grads(model, samples, ForwardPlan(packed=True, micro_batch=G), tok.pad_token_id)
+    model.gradient_checkpointing_disable()
     assert packed.shape == padded.shape
     assert_close(packed, padded, 1e-5, "log-probs")
     assert g_pack.keys() == g_pad.keys()
@@ -166,18 +171,20 @@ def test_mask_matches_the_token_order(tiny):
         assert torch.equal(y, expect)
 
 
-def test_enable_packed_leaves_the_padded_forward_and_generate_alone(tiny_captioner_dir, tiny):
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_enable_packed_leaves_the_padded_forward_and_generate_alone(tiny_captioner_dir, tiny, impl):
     from transformers import Qwen2_5_VLForConditionalGeneration
     _, tok, proc = tiny
-    plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_captioner_dir), dtype=torch.float32).eval()
+    plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_captioner_dir), dtype=torch.float32,
+                                                               attn_implementation=impl).eval()
     samples = make_samples(tok, proc, [1, 2], G=2)
     plan = ForwardPlan(packed=False, micro_batch=4)
     with torch.no_grad():
         before = torch.cat([h for _, h, _ in caption_batches(plain, samples, tok.pad_token_id, CPU, plan)])
         enable_packed(plain)
         enable_packed(plain)  # idempotent
-        assert plain.config.text_config._attn_implementation == "racro_packed_sdpa"
-        assert plain.config.vision_config._attn_implementation != "racro_packed_sdpa"
+        assert plain.config.text_config._attn_implementation == f"racro_packed_{impl}"
+        assert plain.config.vision_config._attn_implementation == impl
         after = torch.cat([h for _, h, _ in caption_batches(plain, samples, tok.pad_token_id, CPU, plan)])
     assert torch.equal(before, after)
     from racro_fast.engines import GenRequest, HFEngine, SamplingConfig
