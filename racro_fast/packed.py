@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -46,15 +46,23 @@ class VarlenLayout:
     cu_q: list[int]  # (S + 1,)
     cu_k: list[int]  # (S + 1,)
     kv_index: Tensor  # (cu_k[-1],) long
-    _masks: dict | None = None  # (q_len, k_len) -> bool mask, shared by every layer
+    _cache: dict = field(default_factory=dict)  # masks and flash-attn's arguments, built once for every layer
 
     def mask(self, q_len: int, k_len: int, device) -> Tensor:
-        if self._masks is None:
-            self._masks = {}
         key = (q_len, k_len)
-        if key not in self._masks:
-            self._masks[key] = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
-        return self._masks[key]
+        if key not in self._cache:
+            self._cache[key] = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+        return self._cache[key]
+
+    def flash_args(self, device) -> tuple[Tensor, Tensor, int, int]:
+        """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) on the device."""
+        if "flash" not in self._cache:
+            self._cache["flash"] = (
+                torch.tensor(self.cu_q, dtype=torch.int32, device=device),
+                torch.tensor(self.cu_k, dtype=torch.int32, device=device),
+                max(b - a for a, b in zip(self.cu_q, self.cu_q[1:])),
+                max(b - a for a, b in zip(self.cu_k, self.cu_k[1:])))
+        return self._cache["flash"]
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, scale: float, dropout: float = 0.0
@@ -93,11 +101,7 @@ def _flash_varlen():
 
 def _flash(q: Tensor, kc: Tensor, vc: Tensor, layout: VarlenLayout, scale: float, dropout: float) -> Tensor:
     """flash-attn's varlen call: causal masks there are aligned at the end of the keys (flash-attn >= 2.1)."""
-    dev = q.device
-    cu_q = torch.tensor(layout.cu_q, dtype=torch.int32, device=dev)
-    cu_k = torch.tensor(layout.cu_k, dtype=torch.int32, device=dev)
-    max_q = max(b - a for a, b in zip(layout.cu_q, layout.cu_q[1:]))
-    max_k = max(b - a for a, b in zip(layout.cu_k, layout.cu_k[1:]))
+    cu_q, cu_k, max_q, max_k = layout.flash_args(q.device)
     o = _flash_varlen()(q[0].transpose(0, 1), kc.transpose(0, 1), vc.transpose(0, 1), cu_q, cu_k, max_q, max_k,
                         dropout_p=dropout, softmax_scale=scale, causal=True)  # (T, H, d)
     return o.unsqueeze(0)
@@ -181,8 +185,7 @@ class PackedBatch:
     images: dict  # image_embeds (image tokens, D), or pixel_values and image_grid_thw, in row order
     gather: Tensor  # (N,) packed positions whose hidden states predict the caption tokens
     targets: Tensor  # (N,)
-    mask: Tensor  # (B, L) bool: sample b's caption tokens in its first lengths[b] columns
-    order: list[int]  # the samples' indices, in row order (b of mask -> samples[order[b]])
+    order: list[int]  # the samples' indices, in row order
 
 
 def prompt_positions(model, ids: Tensor, grid: Tensor | None) -> Tensor:
@@ -216,7 +219,7 @@ def pack(model, samples, groups: list[list[int]], device, cache_vision: bool) ->
     """One packed row of `groups` (index lists into samples). cache_vision: the vision tower is frozen,
     so its features are computed once per step (`cached_image_features`); otherwise the images go
     through the tower inside the forward, once per question."""
-    ids, pos, cu_q, cu_k, kv, gather, targets, order, lengths = [], [], [0], [0], [], [], [], [], []
+    ids, pos, cu_q, cu_k, kv, gather, targets, order = [], [], [0], [0], [], [], [], []
     if cache_vision:
         cached_image_features(model, samples, groups)
     with_images = [samples[g[0]] for g in groups if samples[g[0]].pixel_values is not None]
@@ -249,9 +252,6 @@ def pack(model, samples, groups: list[list[int]], device, cache_vision: bool) ->
                 targets.append(ids[-1])
             t += L
             order.append(i)
-            lengths.append(L)
-    B, Lmax = len(order), max(lengths, default=0)
-    mask = torch.arange(max(Lmax, 1), device=device)[None] < torch.tensor(lengths, device=device)[:, None]  # (B, L)
     images = {}
     if with_images and cache_vision:
         images["image_embeds"] = torch.cat([s.image_embeds for s in with_images])
@@ -263,12 +263,12 @@ def pack(model, samples, groups: list[list[int]], device, cache_vision: bool) ->
         layout=VarlenLayout(cu_q, cu_k, torch.cat(kv)), images=images,
         gather=torch.cat(gather) if gather else torch.zeros(0, dtype=torch.long, device=device),
         targets=torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long, device=device),
-        mask=mask, order=order)
+        order=order)
 
 
 def packed_hidden(model, batch: PackedBatch) -> tuple[Tensor, Tensor]:
     """The decoder's last hidden state at the positions that predict caption tokens, h (N, D), and
-    those tokens, y (N,), in the mask's row-major order."""
+    those tokens, y (N,), sample by sample in `batch.order`."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
     enable_packed(model)
     images = dict(batch.images)

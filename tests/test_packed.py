@@ -91,6 +91,13 @@ def test_packed_positions_are_the_full_rows(tiny):
     assert groups == [[0, 1, 2], [3, 4, 5]]
     batch = pack(model, samples, groups, CPU, cache_vision=False)
     cu = batch.layout.cu_q
+    # flash-attn's arguments: segment boundaries of queries and gathered keys, the longest of each
+    cu_q, cu_k, max_q, max_k = batch.layout.flash_args(CPU)
+    assert cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.tolist() == cu and int(cu_q[-1]) == batch.input_ids.shape[1]
+    P0 = samples[0].prompt_len
+    assert max_q == max(P0, samples[3].prompt_len)
+    assert max_k == max(len(s.input_ids) for s in samples)  # a caption attends to its prompt and itself
+    assert int(cu_k[-1]) == batch.layout.kv_index.numel()
     seg = 0
     for g in groups:
         P = samples[g[0]].prompt_len
