@@ -73,7 +73,6 @@ def collapse_signal(history: list[dict], window: int = 10) -> str:
     return ""
 
 
-
 # dense bf16 peak of the GPUs the MFU is reported for, TFLOP/s
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0}
 

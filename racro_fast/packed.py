@@ -9,8 +9,9 @@ packed row with no padding.
 Packed row of a micro-batch: [prompt_1, caption_1.1, ..., caption_1.G, prompt_2, caption_2.1, ...].
 Attention runs per segment (`varlen_attention`): a prompt attends causally to itself, a caption to
 [its prompt; itself] (causal, aligned at the end). That is flash-attn's varlen call with the keys
-gathered per segment; on other devices the same segments go through SDPA one by one (exact, and
-the only path tested without a GPU).
+gathered per segment; on other devices the same segments go through SDPA one by one (exact). The
+CPU tests run the loop, and the arguments of the flash call through a plain-torch rendering of
+flash_attn_varlen_func's documented contract.
 
 Positions: Qwen2.5-VL's 3-D rotary positions of the prompt are `get_rope_index`'s; a caption's
 continue from the prompt's largest position + 1 on all three axes, as they do in a full row.
@@ -65,13 +66,21 @@ class VarlenLayout:
         return self._cache["flash"]
 
 
-def varlen_attention(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, scale: float, dropout: float = 0.0
-                     ) -> Tensor:
-    """q (1, H, T, d), k and v (1, Hkv, T, d) of the packed row -> (1, T, H, d)."""
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, scale: float, dropout: float = 0.0,
+                     flash=None) -> Tensor:
+    """q (1, H, T, d), k and v (1, Hkv, T, d) of the packed row -> (1, T, H, d).
+
+    flash: a function with flash_attn_varlen_func's signature and contract; by default flash-attn's
+    own on CUDA when it imports, else the segments go through SDPA one by one."""
     kc = k[0].index_select(1, layout.kv_index)  # (Hkv, K, d): each segment's keys, prompts repeated per caption
     vc = v[0].index_select(1, layout.kv_index)
-    if q.is_cuda and _flash_varlen() is not None:
-        return _flash(q, kc, vc, layout, scale, dropout)
+    flash = flash or (_flash_varlen() if q.is_cuda else None)
+    if flash is not None:
+        cu_q, cu_k, max_q, max_k = layout.flash_args(q.device)
+        # (total, heads, d) in and out; causal masks are aligned at the end of the keys (flash-attn >= 2.1)
+        o = flash(q[0].transpose(0, 1), kc.transpose(0, 1), vc.transpose(0, 1), cu_q, cu_k, max_q, max_k,
+                  dropout_p=dropout, softmax_scale=scale, causal=True)  # (T, H, d)
+        return o.unsqueeze(0)
     H, Hkv = q.shape[1], k.shape[1]
     gqa = H != Hkv
     out = []
@@ -98,13 +107,6 @@ def _flash_varlen():
         return None
     return flash_attn_varlen_func
 
-
-def _flash(q: Tensor, kc: Tensor, vc: Tensor, layout: VarlenLayout, scale: float, dropout: float) -> Tensor:
-    """flash-attn's varlen call: causal masks there are aligned at the end of the keys (flash-attn >= 2.1)."""
-    cu_q, cu_k, max_q, max_k = layout.flash_args(q.device)
-    o = _flash_varlen()(q[0].transpose(0, 1), kc.transpose(0, 1), vc.transpose(0, 1), cu_q, cu_k, max_q, max_k,
-                        dropout_p=dropout, softmax_scale=scale, causal=True)  # (T, H, d)
-    return o.unsqueeze(0)
 
 
 def _dispatch(base: str, module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

@@ -227,3 +227,40 @@ def test_update_is_the_same_whatever_the_micro_batches(tiny_captioner_dir, tiny,
     assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     for k in wa:  # SGD at lr 1: the weights moved by the gradients themselves
         assert_close(wb[k], wa[k], 1e-5, k)
+
+
+def flash_attn_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                softmax_scale=None, causal=False):
+    """flash_attn_varlen_func's contract as its docstring states it, in plain torch: q (total_q, H, d),
+    k and v (total_k, Hkv, d), segments cut by the int32 cu_seqlens; query head h reads KV head
+    h // (H / Hkv); with causal, the mask is aligned to the bottom right of each segment's matrix."""
+    assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32 and dropout_p == 0.0 and causal
+    H, Hkv = q.shape[1], k.shape[1]
+    out = torch.empty(q.shape[0], H, v.shape[2], dtype=q.dtype)
+    for i in range(len(cu_seqlens_q) - 1):
+        q0, q1, k0, k1 = (int(x) for x in (cu_seqlens_q[i], cu_seqlens_q[i + 1], cu_seqlens_k[i], cu_seqlens_k[i + 1]))
+        assert q1 - q0 <= max_seqlen_q and k1 - k0 <= max_seqlen_k
+        for h in range(H):
+            kv = h // (H // Hkv)
+            s = q[q0:q1, h] @ k[k0:k1, kv].T * softmax_scale  # (Lq, Lk)
+            rows, cols = torch.arange(q1 - q0)[:, None], torch.arange(k1 - k0)[None]
+            s = s.masked_fill(cols > rows + (k1 - k0) - (q1 - q0), float("-inf"))
+            out[q0:q1, h] = s.softmax(-1) @ v[k0:k1, kv]
+    return out
+
+
+def test_flash_varlen_call_matches_the_segment_loop(tiny):
+    """The arguments the CUDA path hands flash_attn_varlen_func (shapes, cu_seqlens, gathered keys,
+    causal alignment, GQA), run through a plain-torch rendering of its contract: the same output as
+    the SDPA segment loop that the CPU forward uses."""
+    from racro_fast.packed import varlen_attention
+    model, tok, proc = tiny
+    samples = make_samples(tok, proc, [1, 2], G=3)
+    layout = pack(model, samples, group_samples(samples), CPU, cache_vision=False).layout
+    T, H, Hkv, d = int(layout.cu_q[-1]), 4, 2, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, T, d, generator=g) for n in (H, Hkv, Hkv))
+    loop = varlen_attention(q, k, v, layout, scale=d ** -0.5)
+    flash = varlen_attention(q, k, v, layout, scale=d ** -0.5, flash=flash_attn_varlen_reference)
+    assert loop.shape == flash.shape == (1, T, H, d)
+    assert_close(flash, loop, 1e-5, "attention output")
