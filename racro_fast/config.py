@@ -43,7 +43,7 @@ class ModelConfig:
 class DataConfig:
     train_files: list[str] = field(default_factory=list)  # parquet / jsonl / folders
     format: Literal["auto", "parquet", "jsonl"] = "auto"
-    synth_task: Literal["", "count", "grid", "bars", "arith"] = ""  # generate rows instead of reading files
+    synth_task: Literal["", "count", "grid", "bars", "arith", "scene"] = ""  # generate rows instead of reading files
     synth_rows: int = 2048
     image_size: int = 56  # synthetic image side in pixels
     max_prompt_len: int = 8192  # longer captioner prompts are skipped and counted

@@ -5,8 +5,11 @@ caption that holds exactly what a reasoner needs: with it the task is solvable f
 alone, without it not. That makes the caption reward learnable by a small model on CPU.
 Rows use the geometry3k layout (images as [{"bytes": png, "path": None}], problem with an
 "<image>" placeholder, answer) plus `caption` and `id` columns, and load with RowDataset.
+The "scene" task is the other kind: a scene holds many facts, its caption states them all, and
+each question needs one of them (make_scene_rows; four question families).
 
     racro-fast synth --out data/count.parquet --n 2048 --task count
+    racro-fast synth --out data/scene.parquet --n 2048 --task scene --families count,colour_of_fill
 """
 from __future__ import annotations
 
@@ -166,22 +169,119 @@ def grid_task(rng: random.Random, size: int) -> tuple[Image.Image, str, str, str
     return image, "<image>How many cells of the grid are filled?", str(n), caption
 
 
+# --------------------------------------------------------------------------- scenes: many facts, many questions
+
+# A scene is a 2x2 grid (at 56 px each cell is one merged image token of 2x2 patches) holding 1..4
+# shapes of distinct colours; each shape is big or small, a square, a bar or a pillar, solid or
+# hollow. Its generic caption states every fact in random order: how many shapes there are, and
+# for each attribute value the colours of the shapes that have it ("big: red blue.", "bar: red."),
+# colours in COLORS order. A question asks how many shapes there are, or picks one shape by one
+# attribute and asks its colour: it needs exactly one fact, and a short caption must choose it.
+# Facts say what the shapes look like, not where they are: a scene reads as a set of shapes
+# (a two-layer captioner learns these facts in a few thousand steps, and positions not at all).
+ATTRIBUTES = {"size": ("big", "small"), "kind": ("square", "bar", "pillar"), "fill": ("solid", "hollow")}
+_FACT_KEY = {"big": "big", "small": "small", "square": "square", "bar": "bar", "pillar": "pillar",
+             "solid": "solid", "hollow": "hollow"}
+# question family -> (question template, the attribute that picks the shape, whose colour is the
+# answer; None: the answer is the number of shapes)
+FAMILIES = {
+    "count": ("How many shapes are there?", None),
+    "colour_of_size": ("What colour is the {size} shape?", "size"),
+    "colour_of_kind": ("What colour is the {kind}?", "kind"),
+    "colour_of_fill": ("What colour is the {fill} shape?", "fill"),
+}
+
+
+def value_fact(value: str, colours: list[str]) -> str:
+    return f"{_FACT_KEY[value]}: {' '.join(colours)}."
+
+
+def scene_facts(shapes: list[dict]) -> list[str]:
+    """The scene's facts: ["3 shapes.", "big: red blue.", "small: green.", "square: ...", ...];
+    attribute values no shape has are left out."""
+    n = len(shapes)
+    facts = [f"{n} shape{'s' if n > 1 else ''}."]
+    for attr, values in ATTRIBUTES.items():
+        for v in values:
+            colours = [c for c in COLORS if any(s["colour"] == c and s[attr] == v for s in shapes)]
+            if colours:
+                facts.append(value_fact(v, colours))
+    return facts
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, s: dict, x0: int, y0: int, cell: int) -> None:
+    long = cell - 4 if s["size"] == "big" else cell // 2
+    short = long // 2 if s["kind"] != "square" else long
+    w, h = (long, short) if s["kind"] == "bar" else (short, long) if s["kind"] == "pillar" else (long, long)
+    x, y = x0 + (cell - w) // 2, y0 + (cell - h) // 2
+    rgb = COLORS[s["colour"]]
+    if s["fill"] == "solid":
+        draw.rectangle([x, y, x + w - 1, y + h - 1], fill=rgb)
+    else:
+        draw.rectangle([x, y, x + w - 1, y + h - 1], outline=rgb, width=max(1, min(w, h) // 4))
+
+
+def _scene(rng: random.Random, size: int, family: str) -> tuple[Image.Image, list[dict], str, dict]:
+    """A scene in which `family`'s question picks exactly one shape; returns image, shapes, question, target."""
+    template, attr = FAMILIES[family]
+    while True:
+        n = rng.randint(1 if attr is None else 2, 4)  # a colour question needs shapes to tell apart
+        shapes = [{"cell": c, "colour": col, **{a: rng.choice(v) for a, v in ATTRIBUTES.items()}}
+                  for c, col in zip(sorted(rng.sample(range(4), n)), rng.sample(list(COLORS), n))]
+        target = rng.choice(shapes)
+        if attr is None or sum(s[attr] == target[attr] for s in shapes) == 1:  # "the big shape" is one shape
+            break
+    image = Image.new("RGB", (size, size), WHITE)
+    draw = ImageDraw.Draw(image)
+    cell = size // 2
+    for s in shapes:
+        _draw_shape(draw, s, (s["cell"] % 2) * cell, (s["cell"] // 2) * cell, cell)
+    return image, shapes, "<image>" + template.format(**target), target
+
+
+def make_scene_rows(n: int, families: list[str] | None = None, seed: int = 0, size: int = 56) -> list[dict]:
+    """n scene rows, the question families in turn. Besides the row layout: `caption` is the generic
+    caption (every fact, in random order), `facts` the facts (the count first), `family` the
+    question's family and `needs` the fact that answers it."""
+    families = families or list(FAMILIES)
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"families: unknown {unknown}; choose from {sorted(FAMILIES)}")
+    rng = random.Random(f"scene:{seed}")
+    rows = []
+    for i in range(n):
+        family = families[i % len(families)]
+        image, shapes, problem, target = _scene(rng, size, family)
+        facts = scene_facts(shapes)
+        attr = FAMILIES[family][1]
+        answer, needs = (str(len(shapes)), facts[0]) if attr is None else \
+            (target["colour"], value_fact(target[attr], [target["colour"]]))
+        rows.append({"images": [{"bytes": _png(image), "path": None}], "problem": problem, "answer": answer,
+                     "caption": " ".join(rng.sample(facts, len(facts))), "id": f"scene-{family}-{seed}-{i}",
+                     "family": family, "facts": facts, "needs": needs})
+    return rows
+
+
 TASKS: dict[str, Callable[[random.Random, int], tuple[Image.Image, str, str, str]]] = {
     "count": count_task,
     "grid": grid_task,
     "bars": bars_task,
     "arith": arith_task,
 }
+TASK_NAMES = sorted([*TASKS, "scene"])
 
 
-def make_rows(task: str, n: int, seed: int = 0, size: int = 56) -> list[dict]:
-    """n rows of `task` in the geometry3k layout (+ caption, id); the same seed gives the same rows."""
-    if task not in TASKS:
-        raise ValueError(f"task: unknown task {task!r}; choose from {sorted(TASKS)}")
+def make_rows(task: str, n: int, seed: int = 0, size: int = 56, families: list[str] | None = None) -> list[dict]:
+    """n rows of `task` in the geometry3k layout (+ caption, id); the same seed gives the same rows.
+    `families` picks the question families of the "scene" task (default: all, in turn)."""
+    if task not in TASK_NAMES:
+        raise ValueError(f"task: unknown task {task!r}; choose from {TASK_NAMES}")
     if n < 1:
         raise ValueError(f"n: must be >= 1, got {n}")
     if size < MIN_SIZE:
         raise ValueError(f"size: must be >= {MIN_SIZE} pixels, got {size}")
+    if task == "scene":
+        return make_scene_rows(n, families, seed=seed, size=size)
     rng = random.Random(f"{task}:{seed}")
     rows = []
     for i in range(n):
@@ -209,9 +309,10 @@ _SCHEMA = pa.schema(
 )
 
 
-def write_synth(out_path: str, n: int, task: str = "count", seed: int = 0, size: int = 56) -> str:
-    """Write `make_rows(task, n, seed, size)` as parquet to out_path and return the path."""
-    rows = make_rows(task, n, seed=seed, size=size)
+def write_synth(out_path: str, n: int, task: str = "count", seed: int = 0, size: int = 56,
+                families: list[str] | None = None) -> str:
+    """Write `make_rows(task, n, seed, size, families)` as parquet to out_path and return the path."""
+    rows = make_rows(task, n, seed=seed, size=size, families=families)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=_SCHEMA), out_path)
     return str(out_path)
@@ -221,11 +322,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="racro-fast synth", description="Write a synthetic visual-math parquet.")
     parser.add_argument("--out", required=True, help="output .parquet path")
     parser.add_argument("--n", type=int, default=1024, help="number of rows")
-    parser.add_argument("--task", default="count", choices=sorted(TASKS))
+    parser.add_argument("--task", default="count", choices=TASK_NAMES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=56, help="image side in pixels")
+    parser.add_argument("--families", default="", help=f"scene: comma-separated question families "
+                        f"(default all: {','.join(FAMILIES)})")
     args = parser.parse_args(argv)
-    path = write_synth(args.out, args.n, task=args.task, seed=args.seed, size=args.size)
+    families = [f for f in args.families.split(",") if f] or None
+    if families and args.task != "scene":
+        parser.error("--families: only the scene task has question families")
+    try:
+        path = write_synth(args.out, args.n, task=args.task, seed=args.seed, size=args.size, families=families)
+    except ValueError as e:
+        parser.error(str(e))
     print(f"wrote {args.n} {args.task} rows to {path}")
     return 0
 

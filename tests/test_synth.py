@@ -145,3 +145,77 @@ def test_cli_and_bad_arguments(tmp_path, capsys):
         make_rows("count", 0)
     with pytest.raises(ValueError, match="size"):
         make_rows("count", 1, size=10)
+
+
+# --------------------------------------------------------------------------- scenes
+
+def read_scene(image: Image.Image) -> list[dict]:
+    """Each cell's shape read back from the pixels: colour, size, kind and fill."""
+    from racro_fast.synth import COLORS
+    names = {rgb: name for name, rgb in COLORS.items()}
+    px = image.load()
+    cell = image.size[0] // 2
+    shapes = []
+    for c in range(4):
+        x0, y0 = (c % 2) * cell, (c // 2) * cell
+        coloured = [(x, y) for y in range(y0, y0 + cell) for x in range(x0, x0 + cell) if px[x, y] != WHITE]
+        if not coloured:
+            continue
+        (colour,) = {names[px[x, y]] for x, y in coloured}  # one shape, one colour
+        xs, ys = [x for x, _ in coloured], [y for _, y in coloured]
+        w, h = max(xs) - min(xs) + 1, max(ys) - min(ys) + 1
+        centre = px[(min(xs) + max(xs)) // 2, (min(ys) + max(ys)) // 2]
+        shapes.append({"colour": colour, "size": "big" if max(w, h) > cell * 2 // 3 else "small",
+                       "kind": "square" if w == h else "bar" if w > h else "pillar",
+                       "fill": "hollow" if centre == WHITE else "solid"})
+    return shapes
+
+
+def test_scene_facts_and_answers_read_back_from_the_pixels():
+    from racro_fast.synth import FAMILIES, scene_facts
+    rows = make_rows("scene", 64, seed=3)
+    assert {r["family"] for r in rows} == set(FAMILIES)
+    for row in rows:
+        shapes = read_scene(decode(row))
+        assert 1 <= len(shapes) <= 4
+        assert scene_facts(shapes) == row["facts"], row["id"]
+        assert sorted(c.rstrip(".") for c in row["caption"].split(". ")) == sorted(f.rstrip(".") for f in row["facts"])
+        assert row["needs"] in row["facts"]
+        _, attr = FAMILIES[row["family"]]
+        if attr is None:
+            assert row["answer"] == str(len(shapes)) and row["needs"] == row["facts"][0]
+            continue
+        # the question picks exactly one shape by its looks, and the answer is that shape's colour
+        words = row["problem"].rstrip("?").split()
+        picked = [s for s in shapes if s[attr] in words]
+        assert len(picked) == 1, row
+        assert picked[0]["colour"] == row["answer"] and f" {row['answer']}." in row["needs"]
+
+
+def test_scene_rows_by_family_deterministic_and_bad_family():
+    rows = make_rows("scene", 8, seed=1, families=["colour_of_fill"])
+    assert all(r["family"] == "colour_of_fill" and (" solid " in r["problem"] or " hollow " in r["problem"])
+               for r in rows)
+    assert rows == make_rows("scene", 8, seed=1, families=["colour_of_fill"])
+    assert make_rows("scene", 8, seed=2, families=["colour_of_fill"]) != rows
+    with pytest.raises(ValueError, match="families: unknown"):
+        make_rows("scene", 2, families=["position"])
+
+
+def test_scene_cli_families(tmp_path, capsys):
+    out = tmp_path / "s.parquet"
+    assert main(["--out", str(out), "--n", "4", "--task", "scene", "--families", "count,colour_of_fill"]) == 0
+    assert [r.problem for r in RowDataset(str(out))] == [
+        r["problem"] for r in make_rows("scene", 4, families=["count", "colour_of_fill"])]
+    for bad in (["--task", "scene", "--families", "where"], ["--task", "count", "--families", "count"]):
+        with pytest.raises(SystemExit):
+            main(["--out", str(out), *bad])
+        assert "families" in capsys.readouterr().err
+
+
+def test_scene_parquet_roundtrip(tmp_path):
+    path = write_synth(str(tmp_path / "scene.parquet"), 5, task="scene", seed=4, families=["colour_of_kind"])
+    rows = make_rows("scene", 5, seed=4, families=["colour_of_kind"])
+    ds = RowDataset(path, min_pixels=56 * 56, max_pixels=56 * 56)
+    assert [(r.problem, r.answer, r.id) for r in ds] == [(r["problem"], r["answer"], r["id"]) for r in rows]
+    assert all(r.images[0].tobytes() == decode(w).tobytes() for r, w in zip(ds, rows))
