@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from racro_fast.config import load_config
+from racro_fast.data import RowDataset
 from racro_fast.synth import make_rows
 from racro_fast.parallel import Single
 from racro_fast.train import Sample, cut_at_vision_tokens, policy_update, train
@@ -193,3 +194,15 @@ def test_profile_reports_phases_and_writes_the_trace(tmp_path, tiny_captioner_di
     assert (out / "profile_trace.json").stat().st_size > 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["policy_forward_s"] + r["policy_backward_s"] <= r["train_s"] for r in rows)
+
+
+def test_trains_on_synthetic_scenes(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
+    """`data.synth_task: scene` writes the scene rows once and trains on them like on any rows."""
+    out = tmp_path / "scene"
+    result = train(tiny_cfg(out, tiny_captioner_dir, tiny_reasoner_dir, 1, "data.synth_task=scene",
+                            "run.save_every=0"))
+    assert [h["step"] for h in result["history"]] == [1]
+    (data,) = (out / "data").glob("synth_scene_*.parquet")
+    problems = [r.problem for r in RowDataset(str(data))]
+    assert len(problems) == 16 and any("How many shapes" in p for p in problems)
+    assert any(p.startswith("<image>What colour is the") for p in problems)
