@@ -180,8 +180,6 @@ def grid_task(rng: random.Random, size: int) -> tuple[Image.Image, str, str, str
 # Facts say what the shapes look like, not where they are: a scene reads as a set of shapes
 # (a two-layer captioner learns these facts in a few thousand steps, and positions not at all).
 ATTRIBUTES = {"size": ("big", "small"), "kind": ("square", "bar", "pillar"), "fill": ("solid", "hollow")}
-_FACT_KEY = {"big": "big", "small": "small", "square": "square", "bar": "bar", "pillar": "pillar",
-             "solid": "solid", "hollow": "hollow"}
 # question family -> (question template, the attribute that picks the shape, whose colour is the
 # answer; None: the answer is the number of shapes)
 FAMILIES = {
@@ -193,7 +191,7 @@ FAMILIES = {
 
 
 def value_fact(value: str, colours: list[str]) -> str:
-    return f"{_FACT_KEY[value]}: {' '.join(colours)}."
+    return f"{value}: {' '.join(colours)}."
 
 
 def scene_facts(shapes: list[dict]) -> list[str]:
@@ -211,8 +209,7 @@ def scene_facts(shapes: list[dict]) -> list[str]:
 
 def _draw_shape(draw: ImageDraw.ImageDraw, s: dict, x0: int, y0: int, cell: int) -> None:
     long = cell - 4 if s["size"] == "big" else cell // 2
-    short = long // 2 if s["kind"] != "square" else long
-    w, h = (long, short) if s["kind"] == "bar" else (short, long) if s["kind"] == "pillar" else (long, long)
+    w, h = {"square": (long, long), "bar": (long, long // 2), "pillar": (long // 2, long)}[s["kind"]]
     x, y = x0 + (cell - w) // 2, y0 + (cell - h) // 2
     rgb = COLORS[s["colour"]]
     if s["fill"] == "solid":
@@ -280,6 +277,8 @@ def make_rows(task: str, n: int, seed: int = 0, size: int = 56, families: list[s
         raise ValueError(f"n: must be >= 1, got {n}")
     if size < MIN_SIZE:
         raise ValueError(f"size: must be >= {MIN_SIZE} pixels, got {size}")
+    if families and task != "scene":
+        raise ValueError(f"families: only the scene task has question families, not {task!r}")
     if task == "scene":
         return make_scene_rows(n, families, seed=seed, size=size)
     rng = random.Random(f"{task}:{seed}")
@@ -329,8 +328,6 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default all: {','.join(FAMILIES)})")
     args = parser.parse_args(argv)
     families = [f for f in args.families.split(",") if f] or None
-    if families and args.task != "scene":
-        parser.error("--families: only the scene task has question families")
     try:
         path = write_synth(args.out, args.n, task=args.task, seed=args.seed, size=args.size, families=families)
     except ValueError as e:
