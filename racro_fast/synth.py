@@ -174,8 +174,8 @@ def grid_task(rng: random.Random, size: int) -> tuple[Image.Image, str, str, str
 # A scene is a 2x2 grid (at 56 px each cell is one merged image token of 2x2 patches) holding 1..4
 # shapes of distinct colours; each shape is big or small, a square, a bar or a pillar, solid or
 # hollow. Its generic caption states every fact in random order: how many shapes there are, and
-# for each attribute value the colours of the shapes that have it ("big: red blue.", "bar: red."),
-# colours in COLORS order. A question asks how many shapes there are, or picks one shape by one
+# for each attribute value the colours of the shapes that have it ("big red blue.", "bar red."),
+# colours in COLORS order, right after the value (a reader finds a colour as the word after "big"). A question asks how many shapes there are, or picks one shape by one
 # attribute and asks its colour: it needs exactly one fact, and a short caption must choose it.
 # Facts say what the shapes look like, not where they are: a scene reads as a set of shapes
 # (a two-layer captioner learns these facts in a few thousand steps, and positions not at all).
@@ -191,11 +191,11 @@ FAMILIES = {
 
 
 def value_fact(value: str, colours: list[str]) -> str:
-    return f"{value}: {' '.join(colours)}."
+    return f"{value} {' '.join(colours)}."
 
 
 def scene_facts(shapes: list[dict]) -> list[str]:
-    """The scene's facts: ["3 shapes.", "big: red blue.", "small: green.", "square: ...", ...];
+    """The scene's facts: ["3 shapes.", "big red blue.", "small green.", "square ...", ...];
     attribute values no shape has are left out."""
     n = len(shapes)
     facts = [f"{n} shape{'s' if n > 1 else ''}."]

@@ -114,12 +114,13 @@ def _corpus() -> list[str]:
 
 
 def build_tokenizer(
-    out_dir: str | Path, corpus: list[str] | None = None, vocab_size: int = 256
+    out_dir: str | Path, corpus: list[str] | None = None, vocab_size: int = 256, extra: list[str] = ()
 ) -> PreTrainedTokenizerFast:
     """Train a small byte-level BPE with Qwen2's pre-tokenizer and save it with the chat template.
 
     The vocabulary is kept tiny on purpose: a random-init captioner must hit useful tokens
-    by sampling. Normaliser, pre-tokenizer and decoder are exactly those `Qwen2Tokenizer`
+    by sampling; `extra` texts join the default corpus, so a task's own words get tokens of their
+    own. Normaliser, pre-tokenizer and decoder are exactly those `Qwen2Tokenizer`
     builds, because `AutoTokenizer` (and so vLLM) loads a qwen2 model directory with that
     class whatever tokenizer_config.json names; the two then encode and decode alike.
     `decode(encode(s)) == s` for NFC text over the alphabet above.
@@ -140,7 +141,7 @@ def build_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
     )
-    bpe.train_from_iterator(_corpus() if corpus is None else corpus, trainer=trainer)
+    bpe.train_from_iterator((_corpus() if corpus is None else corpus) + list(extra), trainer=trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token=EOS_TOKEN,
@@ -168,9 +169,10 @@ def _token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
 
 
 def build_captioner(
-    out_dir: str | Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0
+    out_dir: str | Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0, kv_heads: int = 1
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil]:
     """A two-layer Qwen2.5-VL with random weights; model, image processor and tokenizer saved to out_dir.
+    kv_heads as in build_reasoner.
 
     The image processor is the PIL one (no torchvision on CPU); 56x56 images give
     16 patches, merged 2x2 into 4 image tokens; at most 112x112 pixels (16 tokens).
@@ -196,7 +198,7 @@ def build_captioner(
             intermediate_size=256,
             num_hidden_layers=2,
             num_attention_heads=2,
-            num_key_value_heads=1,
+            num_key_value_heads=kv_heads,
             max_position_embeddings=4096,
             # mrope splits head_dim / 2 = 32 rotary pairs over (time, height, width).
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
@@ -222,11 +224,13 @@ def build_captioner(
     return model, image_processor
 
 
-def build_reasoner(out_dir: str | Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Qwen2ForCausalLM:
+def build_reasoner(out_dir: str | Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0,
+                   kv_heads: int = 1) -> Qwen2ForCausalLM:
     """A two-layer Qwen2 with random weights, saved with the tokenizer.
 
     head_dim is 64 because vLLM's CPU attention needs it (16 fails); embeddings are untied
-    like the 7B reasoner's.
+    like the 7B reasoner's. kv_heads=1 shares one key/value head between the two query heads
+    (grouped-query attention, as in the real reasoners); 2 gives each head its own.
     """
     ids = _token_ids(tokenizer)
     config = Qwen2Config(
@@ -235,7 +239,7 @@ def build_reasoner(out_dir: str | Path, tokenizer: PreTrainedTokenizerFast, seed
         intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=2,
-        num_key_value_heads=1,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         tie_word_embeddings=False,

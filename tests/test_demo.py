@@ -1,55 +1,95 @@
-"""The CPU demo, shortened: the reward rises, and the trained captioner beats the untrained one in
-`racro-fast eval` caption mode with the same frozen reasoner."""
+"""The CPU demo: the reasoner's rule, and, shortened, the run itself: the reward rises and the
+frozen reasoner's held-out accuracy per question family at least doubles over the pre-trained
+captioner's, also on the families no pre-training question asked."""
 import json
 from pathlib import Path
 from statistics import mean
 
 import pytest
 
-from racro_fast.demo import demo_config, prepare_demo_models
-from racro_fast.evaluate import evaluate
-from racro_fast.synth import write_synth
+from racro_fast.demo import (SCENE_PRETRAIN_FAMILIES, UNKNOWN, _needed_key, demo_config, family_accuracy,
+                             prepare_demo_models, scene_answer, scene_reasoning)
+from racro_fast.prompts import clean_problem
+from racro_fast.synth import FAMILIES, make_rows
 from racro_fast.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 100
+STEPS = 100  # the demo runs 150
 
+
+# ------------------------------------------------------------------ the reasoner's rule (fast)
+
+def test_scene_answer_reads_the_needed_fact():
+    q = "What colour is the big shape?"
+    assert scene_answer(" 3 shapes. big red blue. small green.", q) == "red"
+    assert scene_answer(" small green. big purple.", q) == "purple"
+    assert scene_answer(" small green.", q) == UNKNOWN  # a fact, but not the one the question needs
+    assert scene_answer(" big", q) == UNKNOWN  # cut by the budget before the colour
+    assert scene_answer(" big small green.", q) == UNKNOWN  # the colour must follow the key
+    assert scene_answer(" bigger red.", q) == UNKNOWN
+    assert scene_answer(" bar red. square blue.", "What colour is the square?") == "blue"
+    assert scene_answer(" hollow black. 2 shapes.", "How many shapes are there?") == "2"
+    assert scene_answer(" hollow black.", "How many shapes are there?") == UNKNOWN
+    assert scene_answer(" big red. 2", "How many shapes are there?") == UNKNOWN  # a digit, not a count fact
+    assert scene_answer(" 1 shape.", "How many shapes are there?") == "1"
+
+
+def test_scene_reasoning_restates_then_boxes():
+    assert scene_reasoning(" big red.", "What colour is the big shape?") == "The big red. \\boxed{red}"
+    assert scene_reasoning(" bar red.", "What colour is the big shape?") == "The big unknown. \\boxed{unknown}"
+    assert scene_reasoning(" 3 shapes.", "How many shapes are there?") == "3 shapes. \\boxed{3}"
+
+
+def test_the_rule_answers_every_family_from_the_generic_caption():
+    for row in make_rows("scene", 40, seed=3):
+        question = clean_problem(row["problem"])
+        key = _needed_key(question)
+        assert (key is None) == (row["family"] == "count"), row["problem"]
+        assert scene_answer(" " + row["caption"], question) == row["answer"], row["id"]
+        assert scene_answer(" " + row["needs"], question) == row["answer"], row["id"]
+
+
+def test_demo_refuses_a_task_it_was_not_built_for(tmp_path):
+    with pytest.raises(ValueError, match="data.synth_task"):
+        demo_config(ROOT / "configs" / "demo_cpu.yaml", ["data.synth_task=count", f"run.output_dir={tmp_path}"])
+
+
+# ------------------------------------------------------------------ the run, shortened
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     cfg = demo_config(ROOT / "configs" / "demo_cpu.yaml",
                       [f"run.output_dir={out}", f"train.steps={STEPS}", "run.progress=false", "run.save_every=0"])
+    pretrained = cfg.model.captioner
     result = train(cfg)
-    return cfg, out, result
+    return cfg, out, result, pretrained
 
 
 def test_demo_reward_rises(demo):
-    cfg, out, result = demo
+    cfg, out, result, _ = demo
     rewards = [h["reward_mean"] for h in result["history"]]
     assert len(rewards) == STEPS
     first, last = mean(rewards[:20]), mean(rewards[-20:])
     curve = " ".join(f"{r:.2f}" for r in rewards[::5])
-    assert last >= 1.6 * first and last >= 0.4, f"reward did not climb: first-20 {first:.3f}, last-20 {last:.3f}; {curve}"
+    assert last >= 1.6 * first and last >= 0.3, f"reward did not climb: first-20 {first:.3f}, last-20 {last:.3f}; {curve}"
     assert (out / "reward_curve.png").stat().st_size > 0
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == list(range(1, STEPS + 1))
     for key in ("reward_std", "accuracy", "zero_var_group_frac", "kl_mean", "clip_frac", "entropy_mean",
                 "caption_len_mean", "caption_len_max", "caption_truncated_frac", "reasoner_len_mean",
-                "tokens_per_s", "caption_s", "reason_s", "train_s", "peak_mem_gb"):
+                "tokens_per_s", "caption_s", "reason_s", "train_s", "peak_mem_gb", "collapse"):
         assert key in logged[-1], f"metric {key} missing from metrics.jsonl"
 
 
-def test_trained_captioner_beats_untrained(demo, tmp_path):
-    cfg, out, _ = demo
-    untrained, reasoner = prepare_demo_models(cfg)  # cached: the captioner before GRPO
-    data = write_synth(str(tmp_path / "heldout.parquet"), 48, task=cfg.data.synth_task, seed=4242,
-                       size=cfg.data.image_size)
-    kw = dict(modes=["caption"], engine="hf", max_caption_tokens=cfg.rollout.max_caption_tokens,
-              max_reasoner_tokens=cfg.rollout.max_reasoner_tokens, reasoner_temperature=0.0)
-    acc = {}
-    for name, captioner in (("trained", out / "export"), ("untrained", untrained)):
-        res = evaluate(captioner, [reasoner], [data], out_dir=tmp_path / name, **kw)
-        (bench,) = res["accuracy"]
-        acc[name] = res["accuracy"][bench][f"{Path(reasoner).name}/caption"]
-    assert acc["trained"] >= acc["untrained"] + 0.15, f"caption-mode accuracy {acc}"
+def test_cro_lifts_every_family_also_those_not_in_pretraining(demo, tmp_path):
+    cfg, out, _, pretrained = demo
+    assert cfg.model.captioner == prepare_demo_models(cfg)[0] == pretrained  # cached: the captioner before CRO
+    assert set(FAMILIES) - set(SCENE_PRETRAIN_FAMILIES) == {"count", "colour_of_fill"}
+    before = family_accuracy(cfg, pretrained, tmp_path / "before", n=64)
+    after = family_accuracy(cfg, out / "export", tmp_path / "after", n=64)
+    # a third fewer steps than the demo, whose table (README) shows at least 2x on every family
+    for family in FAMILIES:
+        assert after[family] >= 1.5 * before[family] and after[family] >= before[family] + 0.1, \
+            f"{family}: {before[family]:.2f} -> {after[family]:.2f}; before {before}, after {after}"
+    assert mean(after.values()) >= 2 * mean(before.values()), f"before {before}, after {after}"
