@@ -175,8 +175,9 @@ def grid_task(rng: random.Random, size: int) -> tuple[Image.Image, str, str, str
 # shapes of distinct colours; each shape is big or small, a square, a bar or a pillar, solid or
 # hollow. Its generic caption states every fact in random order: how many shapes there are, and
 # for each attribute value the colours of the shapes that have it ("big red blue.", "bar red."),
-# colours in COLORS order, right after the value (a reader finds a colour as the word after "big"). A question asks how many shapes there are, or picks one shape by one
-# attribute and asks its colour: it needs exactly one fact, and a short caption must choose it.
+# colours in COLORS order, right after the value (a reader finds a colour as the word after "big").
+# A question asks how many shapes there are, or picks one shape by one attribute and asks its
+# colour: it needs exactly one fact, and a short caption must choose it.
 # Facts say what the shapes look like, not where they are: a scene reads as a set of shapes
 # (a two-layer captioner learns these facts in a few thousand steps, and positions not at all).
 ATTRIBUTES = {"size": ("big", "small"), "kind": ("square", "bar", "pillar"), "fill": ("solid", "hollow")}

@@ -114,7 +114,8 @@ def _corpus() -> list[str]:
 
 
 def build_tokenizer(
-    out_dir: str | Path, corpus: list[str] | None = None, vocab_size: int = 256, extra: list[str] = ()
+    out_dir: str | Path, corpus: list[str] | None = None, vocab_size: int = 256,
+    extra: tuple[str, ...] | list[str] = (),
 ) -> PreTrainedTokenizerFast:
     """Train a small byte-level BPE with Qwen2's pre-tokenizer and save it with the chat template.
 
