@@ -50,9 +50,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("RACRO_FAST_CACHE", Path.home() / ".cache" / "racro_fast"))
 
 
-def _sft(model, examples: list[tuple[dict, list[int]]], steps: int, batch: int, lr: float, seed: int,
+def _sft(model, examples: list[tuple], steps: int, batch: int, lr: float, seed: int,
          pad_id: int, what: str) -> float:
-    """Teacher-forced cross-entropy on the target tokens only; returns the last loss."""
+    """Teacher-forced cross-entropy on the target tokens only; returns the last loss.
+    examples: (prompt dict, target ids, ...) tuples."""
     from racro_fast.prompts import mm_token_types
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
