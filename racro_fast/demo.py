@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from racro_fast.synth import ATTRIBUTES, COLORS, value_fact
+from racro_fast.synth import ATTRIBUTES, COLORS, count_fact, value_fact
 
 log = logging.getLogger("racro_fast.demo")
 
@@ -137,8 +137,7 @@ def scene_reasoning(caption: str, question: str) -> str:
 def _fact(key: str | None, rng: random.Random) -> str:
     """A fact with random content: the count (key None) or one or two colours of an attribute value."""
     if key is None:
-        n = rng.randint(1, 4)
-        return f"{n} shape{'s' if n > 1 else ''}."
+        return count_fact(rng.randint(1, 4))
     picked = rng.sample(list(COLORS), rng.choice((1, 1, 2)))
     return value_fact(key, [c for c in COLORS if c in picked])
 
@@ -215,15 +214,17 @@ def demo_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def family_accuracy(cfg, captioner: str | Path, out_dir: str | Path, n: int = 128,
-                    temperature: float = 0.0) -> dict[str, float]:
+                    temperature: float = 0.0, data_dir: str | Path | None = None) -> dict[str, float]:
     """The frozen demo reasoner's accuracy per question family on n held-out scenes each (rows no
-    model saw: another seed), reading `captioner`'s captions under the run's caption budget."""
+    model saw: another seed), reading `captioner`'s captions under the run's caption budget.
+    The scenes are written to data_dir (default out_dir/data) once and reused by later calls."""
     from racro_fast.evaluate import evaluate
     from racro_fast.synth import FAMILIES, write_synth
     out_dir = Path(out_dir)
+    data_dir = Path(data_dir) if data_dir is not None else out_dir / "data"
     acc = {}
     for family in FAMILIES:
-        data = out_dir / "data" / f"{family}.parquet"
+        data = data_dir / f"{family}_{n}.parquet"
         if not data.exists():
             write_synth(str(data), n, task="scene", seed=cfg.train.seed + 4242, size=cfg.data.image_size,
                         families=[family])
@@ -257,12 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_eval or not cfg.run.export:
         return 0
     out = Path(result["out_dir"])
-    shutil.rmtree(out / "families", ignore_errors=True)  # evaluate() resumes: start from nothing
-    table = {}
+    table, families = {}, out / "families"
+    shutil.rmtree(families, ignore_errors=True)  # evaluate() resumes: start from nothing
     for name, temperature in (("greedy", 0.0), ("sampled", cfg.rollout.temperature)):
         for who, captioner in (("pretrained", pretrained), ("after_cro", out / "export")):
-            table[f"{who}/{name}"] = family_accuracy(cfg, captioner, out / "families" / f"{who}-{name}",
-                                                     temperature=temperature)
+            table[f"{who}/{name}"] = family_accuracy(cfg, captioner, families / f"{who}-{name}",
+                                                     temperature=temperature, data_dir=families / "data")
     (out / "families.json").write_text(json.dumps(table, indent=1))
     print(f"held-out accuracy of the frozen reasoner per question family, captions of <= "
           f"{cfg.rollout.max_caption_tokens} tokens (greedy | sampled at T={cfg.rollout.temperature}):")

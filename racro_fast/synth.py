@@ -191,6 +191,10 @@ FAMILIES = {
 }
 
 
+def count_fact(n: int) -> str:
+    return f"{n} shape{'s' if n > 1 else ''}."
+
+
 def value_fact(value: str, colours: list[str]) -> str:
     return f"{value} {' '.join(colours)}."
 
@@ -199,7 +203,7 @@ def scene_facts(shapes: list[dict]) -> list[str]:
     """The scene's facts: ["3 shapes.", "big red blue.", "small green.", "square ...", ...];
     attribute values no shape has are left out."""
     n = len(shapes)
-    facts = [f"{n} shape{'s' if n > 1 else ''}."]
+    facts = [count_fact(n)]
     for attr, values in ATTRIBUTES.items():
         for v in values:
             colours = [c for c in COLORS if any(s["colour"] == c and s[attr] == v for s in shapes)]
