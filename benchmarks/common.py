@@ -228,9 +228,9 @@ def gemm_floor_lines(sel: dict[str, dict], n_gemms: int) -> list[str]:
             f"memory beyond inputs, outputs and gradients {o['extra_mb']:.0f} MiB"]
 
 
-def print_table(rows: list[dict], columns: list[str]) -> None:
+def print_table(rows: list[dict], columns: list[str], float_format: str = ".3f") -> None:
     def fmt(v: object) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+        return format(v, float_format) if isinstance(v, float) else str(v)
 
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
