@@ -74,9 +74,10 @@ def test_verl_and_trl_sequence_corrections():
 
 
 def test_long_sequences_compound():
-    """Why token_tis is the default with vLLM rollouts: a per-token mismatch of 1% in log-prob
-    compounds over a 300-token caption into a sequence ratio far from 1, which seq_mask drops and
-    seq_tis caps, while the token weights stay near 1."""
+    """A per-token gap of one sign (1% in log-prob) compounds over a 300-token caption into a
+    sequence ratio far from 1, which seq_mask drops and seq_tis caps, while the token weights stay
+    near 1. (The gap bench_rollout_is.py measures has no steady sign; its sequence log-ratio grows
+    about as sqrt(length), which the sequence weights still pay for at long captions.)"""
     T = 300
     mask = torch.ones(2, T, dtype=torch.bool)
     old = torch.full((2, T), -1.0)
