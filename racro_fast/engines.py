@@ -338,6 +338,13 @@ def _buckets(named_tensors: Iterable[tuple[str, Tensor]], bucket_mb: int) -> Ite
         yield bucket
 
 
+# vLLM's chunked prefill is off on CPU. With it, a step that cannot fit a whole prompt prefills
+# part of it and discards the token sampled there, rewinding that request's generator by an offset;
+# a seeded request's generator is a CPU generator there, which has no offset, so the engine core dies
+# ("CPU Generator does not use offset") as soon as seeded prompts exceed one step's token budget.
+# Without it every prompt is prefilled whole. CUDA generators have offsets: left on there.
+
+
 class VLLMEngine:
     """vLLM offline `LLM`, colocated with the trainer: sleep/wake and in-place weight pushes.
 
@@ -373,6 +380,8 @@ class VLLMEngine:
         kv_size_given = "kv_cache_memory_bytes" in kwargs or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
         if current_platform.is_cpu() and not kv_size_given:
             kwargs["kv_cache_memory_bytes"] = 1 << 30
+        if current_platform.is_cpu():
+            kwargs.setdefault("enable_chunked_prefill", False)  # see the note above VLLMEngine
         # None: this is the process's sleep-mode engine, slept for real where the platform can
         # (CUDA) and tracked by the contract everywhere; False: an engine that never sleeps
         self.contract = SleepContract(name, self) if enable_sleep_mode is not False else None
@@ -552,6 +561,7 @@ class ReasonerServer:
                     "--data-parallel-size", str(data_parallel_size)]
         else:  # vllm-cpu: a KV cache of 1 GiB (its default sizing fails on small machines)
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            cmd += ["--no-enable-chunked-prefill"]  # see the note above VLLMEngine
         self.log_path = str(log_path) if log_path else os.devnull
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,

