@@ -9,6 +9,7 @@ zero reward instead of a stalled training step.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import multiprocessing as mp
@@ -101,7 +102,10 @@ def _option_text(options: list[str], letter: str) -> str | None:
     return _strip_answer(text)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _math_equal(pred: str, gold: str) -> bool:
+    # Memoised per process: one math-verify comparison costs milliseconds (sympy), and a step's
+    # answers repeat (a group's reasoner answers are a few values, asked again step after step).
     if pred == gold:
         return True
     if not pred or not gold:

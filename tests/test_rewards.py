@@ -8,6 +8,7 @@ import pytest
 from racro_fast.rewards import (
     REWARD_FUNCS,
     RewardScorer,
+    _math_equal,
     boxed_choice,
     boxed_math,
     caption_rewards,
@@ -173,3 +174,12 @@ def test_floor_short_captions():
     from racro_fast.rewards import floor_short_captions
     assert floor_short_captions([1.0, 0.5, 1.0, 0.0], [0, 3, 4, 9], 4) == [0.0, 0.0, 1.0, 0.0]
     assert floor_short_captions([1.0, 0.5], [0, 1], 0) == [1.0, 0.5], "0 is off"
+
+
+def test_math_equal_is_memoised():
+    """A repeated (answer, reference) pair is graded once per process, with the same verdict."""
+    _math_equal.cache_clear()
+    verdicts = [grade("0.5", "\\frac{1}{2}"), grade("0.5", "\\frac{1}{2}"), grade("0.4", "\\frac{1}{2}")]
+    assert verdicts == [True, True, False]
+    info = _math_equal.cache_info()
+    assert (info.hits, info.misses) == (1, 2)
