@@ -56,6 +56,7 @@ def sample(model: str, dtype: str, prompt_ids: list[list[int]], args) -> tuple[l
     engine = VLLMEngine(model, dtype=dtype, enable_sleep_mode=False, seed=args.seed,
                         max_model_len=max(map(len, prompt_ids)) + args.max_len + 8,
                         gpu_memory_utilization=args.gpu_memory_utilization)
+    # vLLM's own SamplingParams: the engine's SamplingConfig has no ignore_eos
     params = SamplingParams(n=args.n, temperature=args.temperature, max_tokens=args.max_len,
                             ignore_eos=True, logprobs=0, seed=args.seed, detokenize=False)
     t0 = time.perf_counter()
