@@ -1,7 +1,8 @@
 """The CPU demo: `racro-fast demo` builds (or reuses) a tiny captioner and reasoner, trains the
 captioner with GRPO, then scores it per question family against the captioner it started from.
 
-    racro-fast demo                                   # configs/demo_cpu.yaml: about 9 minutes on 2 cores
+    racro-fast demo                                   # configs/demo_cpu.yaml: about 4 min on 2 cores
+                                                      # (and 4 more the first time, building the models)
     racro-fast demo train.steps=20 run.output_dir=runs/short
     racro-fast demo --no-eval
 

@@ -1,6 +1,6 @@
-"""The CPU demo: the reasoner's rule, and, shortened, the run itself: the reward rises and the
-frozen reasoner's held-out accuracy per question family at least doubles over the pre-trained
-captioner's, also on the families no pre-training question asked."""
+"""The CPU demo: the reasoner's rule, and, shortened, the run itself: the reward rises, the frozen
+reasoner's held-out accuracy rises at least 1.5x on every question family over the pre-trained
+captioner's, also on the families no pre-training question asked, and doubles on their mean."""
 import json
 from pathlib import Path
 from statistics import mean
