@@ -56,9 +56,10 @@ def sample(model: str, dtype: str, prompt_ids: list[list[int]], args) -> tuple[l
     engine = VLLMEngine(model, dtype=dtype, enable_sleep_mode=False, seed=args.seed,
                         max_model_len=max(map(len, prompt_ids)) + args.max_len + 8,
                         gpu_memory_utilization=args.gpu_memory_utilization)
-    # vLLM's own SamplingParams: the engine's SamplingConfig has no ignore_eos
-    params = SamplingParams(n=args.n, temperature=args.temperature, max_tokens=args.max_len,
-                            ignore_eos=True, logprobs=0, seed=args.seed, detokenize=False)
+    # vLLM's own SamplingParams (the engine's SamplingConfig has no ignore_eos), seeded per request as
+    # VLLMEngine.generate seeds them: request i draws with seed + i * n, its k-th sample seed + k
+    params = [SamplingParams(n=args.n, temperature=args.temperature, max_tokens=args.max_len, ignore_eos=True,
+                             logprobs=0, seed=args.seed + i * args.n, detokenize=False) for i in range(len(prompt_ids))]
     t0 = time.perf_counter()
     results = engine.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
     print(f"vLLM {dtype}: {len(prompt_ids) * args.n} samples of {args.max_len} tokens in {time.perf_counter() - t0:.1f} s")
