@@ -20,8 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from racro_fast import dist
 from racro_fast.kernels import fused_linear_logprob
-from racro_fast.packed import group_samples, pack, packed_hidden, packed_tokens, token_budget_batches
+from racro_fast.packed import (group_samples, pack, packed_hidden, packed_tokens, split_batches,
+                               token_budget_batches)
 from racro_fast.prompts import mm_token_types
 
 
@@ -86,19 +88,36 @@ class ForwardPlan:
         return cls(cfg.train.packed, cfg.train.micro_batch, cfg.train.micro_batch_tokens, cfg.model.freeze_vision)
 
 
+def micro_batches(samples: list[Sample], plan: ForwardPlan) -> list[list[list[int]]]:
+    """Each micro-batch as groups of sample indices (padded: one sample per group), as many on
+    every rank: where a token budget gives this rank fewer than another, its own are cut further
+    (`packed.split_batches`), so that sharded models run the same number of forwards everywhere."""
+    if plan.packed:
+        limit = 0 if plan.micro_batch_tokens else plan.micro_batch
+        batches = token_budget_batches(samples, group_samples(samples), plan.micro_batch_tokens, limit)
+    else:
+        batches = [[[i] for i in range(start, min(start + plan.micro_batch, len(samples)))]
+                   for start in range(0, len(samples), plan.micro_batch)]
+    n = int(dist.all_reduce_max(len(batches)))
+    fewest = int(dist.all_reduce_min(len(samples)))  # every rank raises, or none does
+    if fewest < n:
+        raise ValueError(f"a rank has {fewest} captions, fewer than the {n} micro-batches another rank's "
+                         "token budget needs: give every rank as many captions")
+    return split_batches(samples, batches, n)
+
+
 def caption_batches(model, samples: list[Sample], pad_id: int, device, plan: ForwardPlan
                     ) -> Iterator[tuple[list[Sample], torch.Tensor, torch.Tensor]]:
     """(micro-batch, h (N, D), y (N,)) per micro-batch: the hidden states that predict its caption
-    tokens and those tokens, sample by sample (the row-major order of `caption_mask`)."""
-    if plan.packed:
-        limit = 0 if plan.micro_batch_tokens else plan.micro_batch
-        for groups in token_budget_batches(samples, group_samples(samples), plan.micro_batch_tokens, limit):
+    tokens and those tokens, sample by sample (the row-major order of `caption_mask`). As many
+    micro-batches on every rank (`micro_batches`)."""
+    for groups in micro_batches(samples, plan):
+        if plan.packed:
             batch = pack(model, samples, groups, device, plan.cache_vision)
             h, y = packed_hidden(model, batch)
             yield [samples[i] for i in batch.order], h, y
-    else:
-        for i in range(0, len(samples), plan.micro_batch):
-            mb = samples[i:i + plan.micro_batch]
+        else:
+            mb = [samples[i] for g in groups for i in g]
             yield (mb, *caption_hidden(model, collate(mb, pad_id, device)))
 
 

@@ -179,6 +179,31 @@ def token_budget_batches(samples, groups: list[list[int]], budget: int, max_samp
     return out
 
 
+def split_batches(samples, batches: list[list[list[int]]], n: int) -> list[list[list[int]]]:
+    """`batches` (micro-batches of groups) cut into exactly n >= len(batches) micro-batches, in order.
+
+    Each cut halves the micro-batch of most packed tokens among those of two or more captions, where
+    its halves' tokens come closest to even: between two of its groups, or within its one group
+    (each half then computes the prompt). Under FSDP2 or ZeRO-3 every rank must run as many
+    forwards as the others, or those with more wait forever in an all-gather the rest never join;
+    a token budget gives ranks different counts, and this evens them out (`forward.micro_batches`).
+    """
+    def tokens(batch: list[list[int]]) -> int:
+        return sum(packed_tokens(samples, g) for g in batch)
+
+    out = [list(b) for b in batches]
+    while len(out) < n:
+        can = [i for i, b in enumerate(out) if sum(len(g) for g in b) > 1]
+        if not can:
+            raise ValueError(f"{sum(len(g) for b in out for g in b)} captions cannot fill {n} micro-batches")
+        i = max(can, key=lambda j: tokens(out[j]))
+        b = out[i]
+        cuts = ([(b[:k], b[k:]) for k in range(1, len(b))] if len(b) > 1
+                else [([b[0][:k]], [b[0][k:]]) for k in range(1, len(b[0]))])
+        out[i:i + 1] = min(cuts, key=lambda c: max(tokens(c[0]), tokens(c[1])))
+    return out
+
+
 @dataclass
 class PackedBatch:
     input_ids: Tensor  # (1, T)

@@ -1,13 +1,15 @@
 """What tests/test_dist.py runs on every rank under `python -m torch.distributed.run --nproc_per_node=2`.
 
     python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker.py update CAPTIONER OUT.pt fsdp2
+    python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker.py update CAPTIONER OUT.pt fsdp2 "" uneven
     python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker.py train CAPTIONER REASONER OUT_DIR
     python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker.py vllm CAPTIONER REASONER OUT.pt
 
 update: one `policy_update` on a fixed set of samples, each rank taking its contiguous half, after
     checking that the gathered full state equals the unsharded model; rank 0 saves the loss (already summed over ranks),
     the gradient norm and the gathered weights. `update_in_process` is the same step over all samples
-    in one process, the reference the test compares with.
+    in one process, the reference the test compares with. `uneven`: old log-probs, then the update,
+    under a token budget that gives the ranks different numbers of micro-batches.
 train:  the real `train()` three times in this process group: 2 steps straight, then 1 step and a
     resume to 2; each exports the final weights.
 vllm:   each rank serves the reasoner in its own in-process vLLM, pushes changed weights gathered from
@@ -30,17 +32,20 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tiny_update_cfg(captioner: str, backend: str = "fsdp2", ds_config: str = "", packed: bool = True):
+def tiny_update_cfg(captioner: str, backend: str = "fsdp2", ds_config: str = "", packed: bool = True,
+                    micro_batch_tokens: int = 0):
     from racro_fast.config import load_config
     extra = [f"dist.deepspeed_config={ds_config}"] if ds_config else []
     extra += [] if packed else ["train.packed=false"]
+    extra += [f"train.micro_batch_tokens={micro_batch_tokens}"] if micro_batch_tokens else []
     return load_config(ROOT / "configs" / "demo_cpu.yaml", [
         f"model.captioner={captioner}", f"model.reasoner={captioner}", "train.micro_batch=1",
         "train.grad_clip=1.0", f"dist.backend={backend}", "loss.entropy_coef=0.01", "loss.kl_coef=0", *extra])
 
 
-def fixed_samples(captioner: str, n: int = 4):
-    """n captions of different lengths and advantages on one synthetic image (the same on every rank)."""
+def fixed_samples(captioner: str, n: int = 4, questions: list[int] | None = None):
+    """n captions of different lengths and advantages (the same on every rank); caption i answers
+    question questions[i] (default: all the first), each question its own synthetic image."""
     from PIL import Image
     from transformers import AutoTokenizer, Qwen2VLImageProcessor
 
@@ -49,13 +54,20 @@ def fixed_samples(captioner: str, n: int = 4):
     from racro_fast.train import Sample
     tok = AutoTokenizer.from_pretrained(captioner)
     proc = Qwen2VLImageProcessor.from_pretrained(captioner, min_pixels=3136, max_pixels=12544)
-    row = make_rows("count", 1, seed=1)[0]
-    image = Image.open(io.BytesIO(row["images"][0]["bytes"])).convert("RGB")
-    cap = build_captioner_inputs(tok, proc, captioner_messages(row["problem"], 1), [image])
+    questions = questions or [0] * n
+    caps = []
+    for row in make_rows("count", max(questions) + 1, seed=1):
+        image = Image.open(io.BytesIO(row["images"][0]["bytes"])).convert("RGB")
+        caps.append(build_captioner_inputs(tok, proc, captioner_messages(row["problem"], 1), [image]))
     caption = tok.encode("There are three red shapes and one blue square.", add_special_tokens=False)
     adv = [1.0, -0.5, 0.25, -1.0, 0.75, -0.25][:n]
-    return tok, [Sample(cap.prompt_ids + caption[:3 + 2 * i], len(cap.prompt_ids), cap.pixel_values,
-                        cap.image_grid_thw, a) for i, a in enumerate(adv)]
+    return tok, [Sample(caps[q].prompt_ids + caption[:3 + 2 * i], len(caps[q].prompt_ids), caps[q].pixel_values,
+                        caps[q].image_grid_thw, a) for i, (a, q) in enumerate(zip(adv, questions))]
+
+
+# `update uneven`: rank 0 takes captions 0-1 (one question), rank 1 captions 2-3 (two questions); a
+# token budget of 1 gives rank 0 one micro-batch and rank 1 two, which must be evened out
+UNEVEN_QUESTIONS = [0, 0, 1, 2]
 
 
 def _optimizer(model, cfg) -> torch.optim.Optimizer:
@@ -63,32 +75,37 @@ def _optimizer(model, cfg) -> torch.optim.Optimizer:
                              weight_decay=cfg.train.weight_decay)
 
 
-def update_in_process(captioner: str) -> dict:
+def update_in_process(captioner: str, uneven: bool = False) -> dict:
     """The reference: the same step over all samples in one process, no wrapping, through the
-    padded forward (the 2-rank runs use the packed one)."""
+    padded forward (the 2-rank runs use the packed one); `uneven`: the old log-probs first."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from racro_fast.forward import ForwardPlan, fill_logprobs
     from racro_fast.parallel import Single
     from racro_fast.train import policy_update
     cfg = tiny_update_cfg(captioner, packed=False)
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(captioner, dtype=torch.float32).train()
     opt = _optimizer(model, cfg)
-    tok, samples = fixed_samples(captioner)
+    tok, samples = fixed_samples(captioner, questions=UNEVEN_QUESTIONS if uneven else None)
     backend = Single(cfg)
+    if uneven:
+        fill_logprobs(backend, model, samples, "old_logp", 1.0, tok.pad_token_id, torch.device("cpu"),
+                      ForwardPlan.from_config(cfg))
     out = policy_update(backend, model, opt, samples, cfg, tok.pad_token_id, torch.device("cpu"))
-    return {"loss": out["loss"], "grad_norm": out["grad_norm"],
+    return {"loss": out["loss"], "grad_norm": out["grad_norm"], "old_logp": [s.old_logp for s in samples],
             "weights": {k: v.clone() for k, v in backend.full_state_items(model)}}
 
 
-def run_update(captioner: str, out_path: str, backend: str, ds_config: str = "") -> None:
+def run_update(captioner: str, out_path: str, backend: str, ds_config: str = "", uneven: str = "") -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from racro_fast import dist
+    from racro_fast.forward import ForwardPlan, fill_logprobs
     from racro_fast.parallel import Single, make_backend
     from racro_fast.train import policy_update
     dist.init()
-    cfg = tiny_update_cfg(captioner, backend, ds_config)
+    cfg = tiny_update_cfg(captioner, backend, ds_config, micro_batch_tokens=1 if uneven else 0)
     torch.manual_seed(0)
     plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(captioner, dtype=torch.float32)
     expect = {k: v.clone() for k, v in Single(cfg).full_state_items(plain)}
@@ -104,15 +121,20 @@ def run_update(captioner: str, out_path: str, backend: str, ds_config: str = "")
     gather_diff = {k: (gathered[k] - expect[k]).abs().max().item() if k in gathered and gathered[k].shape == expect[k].shape
                    else float("inf") for k in expect}
     extra = sorted(set(gathered) - set(expect))
-    tok, samples = fixed_samples(captioner)
+    tok, samples = fixed_samples(captioner, questions=UNEVEN_QUESTIONS if uneven else None)
     n = len(samples) // dist.world_size()
     mine = samples[dist.rank() * n:(dist.rank() + 1) * n]
+    if uneven:
+        fill_logprobs(wrapper, model, mine, "old_logp", 1.0, tok.pad_token_id, torch.device("cpu"),
+                      ForwardPlan.from_config(cfg))
     out = policy_update(wrapper, model, opt, mine, cfg, tok.pad_token_id, torch.device("cpu"))
     loss = out["loss"]  # policy_update reports the loss summed over ranks (each rank's share of the global loss)
     weights = {k: v.clone() for k, v in wrapper.full_state_items(model)}
+    old_logp = [lp for part in dist.all_gather_object([s.old_logp for s in mine]) for lp in part]
     if dist.rank() == 0:
         torch.save({"loss": loss, "grad_norm": out["grad_norm"], "skipped": out["skipped"], "weights": weights,
-                    "gather_diff": gather_diff, "gather_extra": extra, "world": dist.world_size()}, out_path)
+                    "gather_diff": gather_diff, "gather_extra": extra, "world": dist.world_size(),
+                    "old_logp": old_logp}, out_path)
     dist.barrier()
 
 

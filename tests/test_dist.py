@@ -22,11 +22,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 import dist_worker
-from conftest import requires_vllm
+from conftest import assert_close, requires_vllm
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
@@ -39,12 +40,27 @@ def torchrun(*args: str, timeout: int = 300) -> None:
                VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(WORKER), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # ranks stuck in a collective: torchrun starts each in its own session and they hold the
+        # pipes open, so kill the whole tree, not torchrun's process group alone
+        tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=30)
+        _, err = proc.communicate()
+        pytest.fail(f"2-rank run did not finish in {timeout} s (a rank waiting in a collective the other "
+                    f"never joins?): {' '.join(cmd[3:])}\n--- stderr tail ---\n{err[-3000:]}")
     if proc.returncode != 0:
-        errors = [line for line in (proc.stdout + proc.stderr).splitlines()
+        errors = [line for line in (out + err).splitlines()
                   if "Error" in line or "[rank0]" in line or "[rank1]" in line]
         pytest.fail(f"2-rank run failed (exit {proc.returncode}): {' '.join(cmd[3:])}\n"
-                    + "\n".join(errors[-40:]) + "\n--- stderr tail ---\n" + proc.stderr[-3000:])
+                    + "\n".join(errors[-40:]) + "\n--- stderr tail ---\n" + err[-3000:])
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +119,23 @@ def test_deepspeed_update_matches_one_process(tmp_path, tiny_captioner_dir, one_
     out = tmp_path / f"zero{stage}.pt"
     torchrun("update", tiny_captioner_dir, out, "deepspeed", ROOT / "configs" / "deepspeed" / f"zero{stage}.json")
     _check_update(torch.load(out, weights_only=False), one_process_update, _initial(tiny_captioner_dir))
+
+
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
+def test_uneven_micro_batches_match_one_process(tmp_path, tiny_captioner_dir, backend):
+    """A token budget that gives rank 0 one micro-batch and rank 1 two: the old-log-prob pass and the
+    update must still run as many sharded forwards on each rank (else one waits forever in an
+    all-gather) and give what one process gives on all the captions."""
+    if backend == "zero3" and (reason := _deepspeed_missing()):
+        pytest.skip(reason)
+    ref = dist_worker.update_in_process(str(tiny_captioner_dir), uneven=True)
+    out = tmp_path / f"{backend}.pt"
+    ds = ["deepspeed", ROOT / "configs" / "deepspeed" / "zero3.json"] if backend == "zero3" else ["fsdp2", ""]
+    torchrun("update", tiny_captioner_dir, out, *ds, "uneven", timeout=180)
+    got = torch.load(out, weights_only=False)
+    for i, (a, b) in enumerate(zip(got["old_logp"], ref["old_logp"], strict=True)):
+        assert_close(a, b, 1e-5, f"old_logp of caption {i}")
+    _check_update(got, ref, _initial(tiny_captioner_dir))
 
 
 def _check_resume(out: Path, captioner: Path, sharded_state: str) -> None:

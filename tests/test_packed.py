@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import assert_close
 from racro_fast.forward import ForwardPlan, Sample, caption_batches, caption_mask, fill_logprobs
-from racro_fast.packed import enable_packed, group_samples, pack, token_budget_batches
+from racro_fast.packed import (enable_packed, group_samples, pack, packed_tokens, same_prompt, split_batches,
+                               token_budget_batches)
 from racro_fast.parallel import Single
 from racro_fast.prompts import build_captioner_inputs, captioner_messages, mm_token_types
 from racro_fast.synth import make_rows
@@ -166,6 +167,35 @@ def test_token_budget_keeps_groups_whole(tiny):
         assert len(b) == 1 or sum(per_group[groups.index(g)] for g in b) <= budget
     assert token_budget_batches(samples, groups, 1, 0) == [[g] for g in groups]  # each group alone
     assert token_budget_batches(samples, groups, 0, 6) == [groups[:2], groups[2:]]
+
+
+def test_split_batches_cuts_the_heaviest_in_order(tiny):
+    """Cut to exactly n micro-batches: between groups where a micro-batch has several, within its
+    group where it has one, every sample once and in order; fewer captions than n is an error."""
+    model, tok, proc = tiny
+    samples = make_samples(tok, proc, [1, 1, 1], G=3)  # captions of 0..12 tokens
+    groups = group_samples(samples)
+    whole = [groups]  # one micro-batch of the three questions
+    assert split_batches(samples, whole, 1) == whole
+    for n in range(2, len(samples) + 1):
+        out = split_batches(samples, whole, n)
+        assert len(out) == n and all(out)
+        assert [i for b in out for g in b for i in g] == list(range(len(samples)))
+        # a group is never mixed with another question's samples
+        assert all(same_prompt(samples[g[0]], samples[i]) for b in out for g in b for i in g)
+    two = split_batches(samples, whole, 2)
+    tokens = lambda b: sum(packed_tokens(samples, g) for g in b)  # noqa: E731
+    best = min(max(tokens(groups[:k]), tokens(groups[k:])) for k in (1, 2))
+    assert max(tokens(b) for b in two) == best, "the cut is not the most even one between groups"
+    # one micro-batch per question, cut to 4: the heaviest question's captions are halved
+    per_question = [[g] for g in groups]
+    four = split_batches(samples, per_question, 4)
+    heaviest = max(range(3), key=lambda q: tokens(per_question[q]))
+    assert [len(b) for b in four].count(1) == 4 and sum(len(b[0]) for b in four) == 9
+    assert [i for b in four for g in b for i in g] == list(range(9))
+    assert sum(1 for b in four if set(b[0]) <= set(groups[heaviest])) == 2
+    with pytest.raises(ValueError, match="9 captions cannot fill 10 micro-batches"):
+        split_batches(samples, whole, 10)
 
 
 def test_mask_matches_the_token_order(tiny):
