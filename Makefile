@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 
 CPU_LIB := build/cpu/libracro_fast_cpu.so
 
-.PHONY: demo test bench cpu-kernels gpu-check gpu-wheels clean
+.PHONY: demo test test-fast bench cpu-kernels gpu-check gpu-wheels clean
 
 $(VENV)/.setup-run: setup.py scripts/setup.sh
 	bash scripts/setup.sh run
@@ -31,6 +31,10 @@ demo: $(VENV)/.setup-run $(CPU_LIB)
 
 test: $(VENV)/.setup-dev $(CPU_LIB)
 	$(BIN)/python -P -m pytest -q tests $(ARGS)
+
+# the tests a developer runs between edits: everything but the slow ones (tests/conftest.py says which)
+test-fast: $(VENV)/.setup-dev $(CPU_LIB)
+	$(BIN)/python -P -m pytest -q tests -m "not slow" $(ARGS)
 
 bench: $(VENV)/.setup-dev $(CPU_LIB)
 	$(BIN)/python benchmarks/bench_fused_linear_logprob.py

@@ -11,7 +11,7 @@ EOS ignored; the trainer's model (transformers, `--trainer-dtype`) scores the sa
 length L of `--lengths` is the first L tokens of those samples (a prefix of a sample is a sample).
 Per vLLM dtype and length: the per-token log-ratio delta = trainer - vLLM (mean, mean |.|, p99 and
 max |.|), the sequence log-ratio sum(delta) (std, max |.|), and per mode at cap `--cap`
-(`reference.rollout_is_weights`, the loss's own weights): rollout_kl (k3), weight mean and max, the
+(`kernels.grpo_terms.rollout_is_weights`, the loss's own weights): rollout_kl (k3), weight mean and max, the
 fraction of tokens (token_tis) or sequences capped or masked, the fraction of tokens whose
 policy-gradient term survives (weight > 0), and the effective sample size of the weights
 (sum w)^2 / (n sum w^2), the share of the batch's tokens the weighted gradient is worth.
@@ -89,7 +89,7 @@ def trainer_logp(model, prompt_ids: list[list[int]], ids: list[list[int]], n: in
 
 
 def rows_for(old: torch.Tensor, rollout: torch.Tensor, lengths: list[int], cap: float) -> list[dict]:
-    from racro_fast.kernels.reference import rollout_is_weights
+    from racro_fast.kernels.grpo_terms import rollout_is_weights
     rows = []
     for L in lengths:
         o, r = old[:, :L], rollout[:, :L]

@@ -1,75 +1,15 @@
-"""The C++ CPU kernels (kernels/cpu, built by CMakeLists.txt) behind autograd, and where they are found.
-
-The library registers torch.ops.racro_fast.*: the GRPO loss forward / backward, log-probs from
-logits, and the per-tile epilogues of the fused linear ops (the GEMMs stay in ATen, here). It is
-looked for at $RACRO_FAST_CPU_LIB, else build/cpu/libracro_fast_cpu.so beside the sources. When it is
-missing or fails to load, CPU tensors run the torch references and the first such call warns once,
-naming the cause (a failed build leaves its error in build-error.txt beside the library's path).
+"""The C++ CPU kernels (kernels/cpu, built by CMakeLists.txt) behind autograd: the GRPO loss forward /
+backward, log-probs from logits, and the per-tile epilogues of the fused linear ops (the GEMMs stay
+in ATen, here). Where the library is found and loaded: cpu_lib.py.
 """
 from __future__ import annotations
-
-import os
-import warnings
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .reference import GRPO_KL_TYPES, GRPO_LOSS_AGGS, GRPO_METRICS, IS_MODES, _lines_within_budget
-
-LIB_NAME = "libracro_fast_cpu.so"
-BUILD_DIR = Path(__file__).resolve().parent.parent / "build" / "cpu"
-
-_state: dict = {"ops": None, "why": None, "warned": False}
-
-
-def library_path() -> Path:
-    return Path(os.environ.get("RACRO_FAST_CPU_LIB") or BUILD_DIR / LIB_NAME)
-
-
-def _load():
-    if _state["ops"] is not None or _state["why"] is not None:
-        return _state["ops"]
-    path = library_path()
-    if not path.is_file():
-        error_file = path.parent / "build-error.txt"  # scripts/setup.sh writes it when the build fails
-        if error_file.is_file():
-            lines = error_file.read_text(errors="replace").strip().splitlines()
-            _state["why"] = f"the build failed: {lines[0] if lines else 'no message'} (see {error_file})"
-        else:
-            _state["why"] = f"{path} is not built (run `make cpu-kernels`)"
-        return None
-    try:
-        torch.ops.load_library(str(path))
-        _state["ops"] = torch.ops.racro_fast
-    except (OSError, RuntimeError) as e:
-        _state["why"] = f"{path} does not load: {str(e).splitlines()[0]}"
-    return _state["ops"]
-
-
-def available() -> bool:
-    """Whether the C++ ops are loaded (loading them on the first call)."""
-    return _load() is not None
-
-
-def unavailable_reason() -> str | None:
-    _load()
-    return _state["why"]
-
-
-def warn_fallback() -> None:
-    """One warning per process that CPU tensors fall back to the torch references, and why."""
-    if not _state["warned"]:
-        _state["warned"] = True
-        warnings.warn(f"racro_fast: C++ CPU kernels not used, CPU tensors run the torch references: "
-                      f"{unavailable_reason()}", RuntimeWarning, stacklevel=4)
-
-
-def _ops():
-    ops = _load()
-    if ops is None:
-        raise ValueError(f"backend='cpp' needs the C++ CPU kernels: {_state['why']}")
-    return ops
+from .contract import GRPO_KL_TYPES, GRPO_LOSS_AGGS, GRPO_METRICS, IS_MODES
+from .cpu_lib import ops as _ops
+from .utils import lines_within_budget
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +107,7 @@ def fused_linear_logprob(hidden: Tensor, weight: Tensor, y: Tensor, temperature:
     """The C++ path of `fused_linear_logprob` (tiles as in the reference); y int64 with -1 on ignored rows."""
     N, V = hidden.shape[0], weight.shape[0]
     rows = min(N, 2048)
-    cols = _lines_within_budget(V, rows, hidden.device, None)
+    cols = lines_within_budget(V, rows, hidden.device, None)
     return _FusedLinearLogprob.apply(hidden, weight, y, float(temperature), bool(with_entropy), rows, cols)
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from . import cpu_ops
 from .grpo_loss import GRPOLossConfig, apply_rollout_is
 from .logprob_from_logits import logprob_from_logits
-from .reference import grpo_row_weights_ref, grpo_token_terms
+from .grpo_terms import grpo_row_weights, grpo_token_terms
 from .utils import (CPU_INPLACE_TILE_BYTES, check_backend, check_float_matrix, check_temperature, chunk_budget,
                     chunk_rows)
 
@@ -43,7 +43,7 @@ def grpo_token_weights(mask: Tensor, cfg: GRPOLossConfig, num_tokens: float | No
                        num_seqs: float | None = None) -> Tensor:
     """w [B, T] fp32: each token's weight in the aggregated loss (`grpo_loss`'s u_b / D), 0 off the mask."""
     m = (mask != 0).float()
-    u, inv_denom = grpo_row_weights_ref(m.sum(dim=1), cfg, mask.shape[1], num_tokens, num_seqs)
+    u, inv_denom = grpo_row_weights(m.sum(dim=1), cfg, mask.shape[1], num_tokens, num_seqs)
     return m * u[:, None] * inv_denom
 
 

@@ -37,8 +37,9 @@ import triton.language as tl
 from torch import Tensor
 
 from . import cpu_ops
-from .reference import (GRPO_KL_TYPES, GRPO_LOSS_AGGS, GRPO_METRICS, IS_MODES, ISMode, KLType, LossAgg, grpo_loss_ref,
-                        rollout_is_weights)
+from .contract import GRPO_KL_TYPES, GRPO_LOSS_AGGS, GRPO_METRICS, IS_MODES, ISMode, KLType, LossAgg
+from .grpo_terms import rollout_is_weights
+from .reference import grpo_loss_ref
 from .utils import check_backend, row_launch_settings
 
 __all__ = ["GRPOLossConfig", "grpo_loss", "grpo_advantages"]
@@ -56,7 +57,7 @@ class GRPOLossConfig:
     loss_agg: LossAgg = "token-mean"
     norm_len: int | None = None       # L of seq-mean-token-sum-norm (Dr. GRPO); None: the T of the call
     # rollout / trainer mismatch: truncated importance weights between the trainer's (old) and the
-    # rollout engine's log-probs on the policy-gradient term (reference.rollout_is_weights)
+    # rollout engine's log-probs on the policy-gradient term (grpo_terms.rollout_is_weights)
     is_mode: ISMode = "off"           # off | token_tis | seq_tis | seq_mask ("auto": for the run config)
     is_cap: float = 2.0               # the weights' cap C
 

@@ -5,12 +5,11 @@ the ground truth the Triton kernels are tested against.
 """
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import torch
 from torch import Tensor
 
-from .utils import chunk_budget, chunk_rows as rows_for_budget
+from .grpo_terms import grpo_row_weights, grpo_token_terms
+from .utils import lines_within_budget
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,13 +69,6 @@ def _upstream_grads(dlogp: Tensor | None, dH: Tensor | None, valid: Tensor, with
     if with_entropy and dH is not None:
         gH = dH.to(acc).masked_fill(~valid, 0.0) / temperature
     return g, gH
-
-
-def _lines_within_budget(n: int, width: int, device: torch.device, override: int | None) -> int:
-    """How many of n lines of `width` fp32 values make one tile (`override` if given)."""
-    if override is not None:
-        return max(1, int(override))
-    return rows_for_budget(n, width, 4, chunk_budget(device))
 
 
 def _merge_lse(m: Tensor, s: Tensor, a: Tensor | None, m2: Tensor, s2: Tensor, a2: Tensor | None
@@ -209,7 +201,7 @@ def fused_linear_logprob_ref(
     """
     N, V = hidden.shape[0], weight.shape[0]
     rows = max(1, int(chunk_rows)) if chunk_rows is not None else min(N, 2048)
-    cols = max(1, int(chunk_cols)) if chunk_cols is not None else _lines_within_budget(V, rows, hidden.device, None)
+    cols = max(1, int(chunk_cols)) if chunk_cols is not None else lines_within_budget(V, rows, hidden.device, None)
     return _FusedLinearLogprobRef.apply(hidden, weight, targets, float(temperature), bool(with_entropy),
                                         int(ignore_index), rows, cols)
 
@@ -279,7 +271,7 @@ def logprob_from_logits_ref(
     dlogits into the storage of the (contiguous) logits it saved and returns that tensor as the
     gradient: after backward the caller's logits hold gradients, not logits.
     """
-    rows = _lines_within_budget(logits.shape[0], logits.shape[1], logits.device, chunk_rows)
+    rows = lines_within_budget(logits.shape[0], logits.shape[1], logits.device, chunk_rows)
     if logits.requires_grad and not logits.is_contiguous():
         logits = logits.contiguous()
     return _LogprobFromLogitsRef.apply(logits, targets, float(temperature), bool(with_entropy),
@@ -289,31 +281,6 @@ def logprob_from_logits_ref(
 # --------------------------------------------------------------------------------------------
 # GRPO loss
 # --------------------------------------------------------------------------------------------
-
-LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-KLType = Literal["k1", "k2", "k3"]
-# rollout / trainer mismatch correction; "auto" is resolved by the run config from the rollout engine
-ISMode = Literal["auto", "off", "token_tis", "seq_tis", "seq_mask"]
-GRPO_LOSS_AGGS = get_args(LossAgg)
-GRPO_KL_TYPES = get_args(KLType)
-IS_MODES = get_args(ISMode)
-# Clamps shared with the Triton kernel: log-ratio and k3 input to +-20, k3 output to +-10.
-GRPO_LOG_RATIO_CLAMP = 20.0
-GRPO_K3_INPUT_CLAMP = 20.0
-GRPO_K3_OUTPUT_CLAMP = 10.0
-# Order of the metrics both paths return.
-GRPO_METRICS = ("pg_loss", "clip_frac", "kl_mean", "ratio_min", "ratio_mean", "ratio_max",
-                "entropy_mean", "num_tokens_local")
-
-
-def grpo_kl_ref(logp: Tensor, ref_logp: Tensor, kl_type: str) -> Tensor:
-    """Per-token KL estimate to the reference policy (fp32 inputs): k1, k2 or k3 (low_var_kl)."""
-    if kl_type == "k1":
-        return logp - ref_logp
-    if kl_type == "k2":
-        return 0.5 * (logp - ref_logp) ** 2
-    d = (ref_logp - logp).clamp(-GRPO_K3_INPUT_CLAMP, GRPO_K3_INPUT_CLAMP)
-    return (d.exp() - d - 1.0).clamp(-GRPO_K3_OUTPUT_CLAMP, GRPO_K3_OUTPUT_CLAMP)
 
 
 def grpo_loss_ref(
@@ -347,7 +314,7 @@ def grpo_loss_ref(
     token_loss, pg, kl, ratio, clipped = grpo_token_terms(x, old, ref, adv, ent, cfg)
 
     row_count = mf.sum(dim=1)                                   # (B,)
-    u, inv_denom = grpo_row_weights_ref(row_count, cfg, T, num_tokens, num_seqs)
+    u, inv_denom = grpo_row_weights(row_count, cfg, T, num_tokens, num_seqs)
     loss = ((token_loss * mf).sum(dim=1) * u).sum() * inv_denom
 
     with torch.no_grad():
@@ -367,98 +334,3 @@ def grpo_loss_ref(
             metrics["entropy_mean"] = (ent * mf).sum() * inv_count
         metrics["num_tokens_local"] = count
     return loss, {k: v.detach().float() for k, v in metrics.items()}
-
-
-def grpo_token_terms(x: Tensor, old: Tensor, ref: Tensor | None, adv: Tensor, ent: Tensor | None, cfg):
-    """Per-token GRPO terms (fp32, any shape, broadcasting): token loss l = pg + beta kl - alpha H,
-    and pg, kl (None without ref), ratio and the clipped-branch flag, from which the metrics follow.
-    Each token's loss depends on its own log-prob and entropy only: that is what lets the fused
-    linear GRPO op take the logits' gradient chunk by chunk."""
-    log_ratio = (x - old).clamp(-GRPO_LOG_RATIO_CLAMP, GRPO_LOG_RATIO_CLAMP)
-    ratio = log_ratio.exp()
-    pg_unclipped = -adv * ratio
-    pg_clipped = -adv * ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
-    # where() instead of maximum(): ties send the whole gradient to the unclipped branch, as the kernel does.
-    clipped = pg_clipped > pg_unclipped
-    pg = torch.where(clipped, pg_clipped, pg_unclipped)
-    if cfg.dual_clip is not None:
-        pg_dual = -adv * cfg.dual_clip
-        pg = torch.where((adv < 0) & (pg > pg_dual), pg_dual, pg)
-    token_loss = pg
-    kl = None
-    if ref is not None:
-        kl = grpo_kl_ref(x, ref, cfg.kl_type)
-        if cfg.kl_coef != 0.0:
-            token_loss = token_loss + cfg.kl_coef * kl
-    if ent is not None:
-        # Kept at coefficient 0 too, so a given entropy always receives a (zero) gradient.
-        token_loss = token_loss - cfg.entropy_coef * ent
-    return token_loss, pg, kl, ratio, clipped
-
-
-def grpo_row_weights_ref(
-    row_count: Tensor, cfg, T: int, num_tokens: float | Tensor | None, num_seqs: float | Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Per-row weights u (B,) and 1/denominator such that loss = sum_b u_b sum_t m l / denominator.
-
-    token-mean: u = 1, denominator = num_tokens; seq-mean-token-mean: u = 1/len_b (0 for an empty
-    row); seq-mean-token-sum: u = 1; seq-mean-token-sum-norm: u = 1/norm_len; the seq-mean-* modes
-    divide by num_seqs. A zero denominator gives 1/denominator = 0 so an empty batch costs 0, not NaN.
-    """
-    agg = cfg.loss_agg
-    if agg == "token-mean":
-        u = torch.ones_like(row_count)
-        denom = row_count.sum() if num_tokens is None else num_tokens
-    else:
-        if agg == "seq-mean-token-mean":
-            u = torch.where(row_count > 0, 1.0 / row_count.clamp(min=1.0), 0.0)
-        elif agg == "seq-mean-token-sum":
-            u = torch.ones_like(row_count)
-        else:
-            norm_len = T if cfg.norm_len is None else cfg.norm_len
-            u = torch.full_like(row_count, 1.0 / norm_len)
-        denom = (row_count > 0).float().sum() if num_seqs is None else num_seqs
-    denom = torch.as_tensor(denom, dtype=torch.float32, device=row_count.device)
-    inv_denom = torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, 1.0), 0.0)
-    return u, inv_denom
-
-
-# --------------------------------------------------------------------------------------------
-# Rollout / trainer mismatch correction
-# --------------------------------------------------------------------------------------------
-
-
-def rollout_is_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, mode: str, cap: float
-                       ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Truncated importance weights [B, T] between the trainer's (old) and the rollout engine's
-    log-probs of the sampled tokens, and their metrics.
-
-    With delta = old - rollout per token (log pi_trainer / pi_rollout on the rollout's samples):
-      token_tis  w_t = min(exp(delta_t), cap)
-      seq_tis    w_b = min(exp(sum_t delta_t), cap), one weight per sequence (verl's rollout_is)
-      seq_mask   w_b = 1 where exp(sum_t delta_t) <= cap, else 0 (the sequence is dropped)
-    The weight multiplies the token's policy-gradient term, which is linear in the advantage for a
-    fixed clip branch, so it is applied as a per-token advantage. Metrics: rollout_kl, the k3
-    estimate of KL(rollout || trainer) per token; is_weight_mean / is_weight_max over tokens;
-    is_clipped_frac, the fraction of tokens (token_tis) or sequences whose weight was capped or masked.
-    """
-    m = mask != 0
-    mf = m.float()
-    delta = (old_logp.detach().float() - rollout_logp.detach().float()).masked_fill(~m, 0.0)
-    delta = delta.clamp(-GRPO_LOG_RATIO_CLAMP, GRPO_LOG_RATIO_CLAMP)
-    n_tok = mf.sum().clamp(min=1.0)
-    has = m.any(dim=1)
-    if mode == "token_tis":
-        raw = delta.exp()
-        w = raw.clamp(max=cap)
-        clipped = ((raw > cap) & m).float().sum() / n_tok
-    else:
-        raw_seq = delta.sum(dim=1).clamp(-GRPO_LOG_RATIO_CLAMP, GRPO_LOG_RATIO_CLAMP).exp()  # (B,)
-        w_seq = raw_seq.clamp(max=cap) if mode == "seq_tis" else (raw_seq <= cap).float()
-        w = w_seq[:, None].expand_as(delta)
-        clipped = ((raw_seq > cap) & has).float().sum() / has.float().sum().clamp(min=1.0)
-    w = w * mf
-    k3 = (delta.exp() - delta - 1.0) * mf
-    metrics = {"rollout_kl": k3.sum() / n_tok, "is_weight_mean": w.sum() / n_tok,
-               "is_weight_max": w.max() if m.any() else w.new_zeros(()), "is_clipped_frac": clipped}
-    return w, {k: v.detach().float() for k, v in metrics.items()}

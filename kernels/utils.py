@@ -13,6 +13,8 @@ import torch
 import triton
 from torch import Tensor
 
+from . import cpu_lib
+
 BACKENDS = ("auto", "triton", "cpp", "torch")
 # tl.dot needs every tile dimension >= 16; these are the dtypes the kernels accept.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -133,10 +135,9 @@ def check_backend(backend: str, x: Tensor, name: str) -> str:
             return "triton"
         if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES:
             return "torch"
-        from . import cpu_ops
-        if cpu_ops.available():
+        if cpu_lib.available():
             return "cpp"
-        cpu_ops.warn_fallback()
+        cpu_lib.warn_fallback()
         return "torch"
     if backend == "triton":
         if not (x.is_cuda or is_interpreter() or compile_only_gpu is not None):
@@ -147,13 +148,12 @@ def check_backend(backend: str, x: Tensor, name: str) -> str:
         if x.dtype not in KERNEL_DTYPES:
             raise ValueError(f"backend='triton' supports {name} in {KERNEL_DTYPES}, got {x.dtype}")
     if backend == "cpp":
-        from . import cpu_ops
         if x.device.type != "cpu":
             raise ValueError(f"backend='cpp' needs {name} on the CPU, got {name} on {x.device}")
         if x.dtype not in KERNEL_DTYPES:
             raise ValueError(f"backend='cpp' supports {name} in {KERNEL_DTYPES}, got {x.dtype}")
-        if not cpu_ops.available():
-            raise ValueError(f"backend='cpp' needs the C++ CPU kernels: {cpu_ops.unavailable_reason()}")
+        if not cpu_lib.available():
+            raise ValueError(f"backend='cpp' needs the C++ CPU kernels: {cpu_lib.unavailable_reason()}")
     return backend
 
 
@@ -191,3 +191,10 @@ def check_float_matrix(x: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be 2-D, got shape {list(x.shape)}")
     if x.dtype not in REFERENCE_DTYPES:
         raise ValueError(f"{name} must be one of {REFERENCE_DTYPES}, got {x.dtype}")
+
+
+def lines_within_budget(n: int, width: int, device: torch.device, override: int | None) -> int:
+    """How many of n lines of `width` fp32 values make one tile (`override` if given)."""
+    if override is not None:
+        return max(1, int(override))
+    return chunk_rows(n, width, 4, chunk_budget(device))

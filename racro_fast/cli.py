@@ -17,6 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from racro_fast.config import run_main
+from racro_fast.metrics import PHASES
+
 BENCHES = ("fused_linear_logprob", "fused_linear_grpo", "logprob_from_logits", "grpo_loss")
 
 
@@ -67,10 +70,6 @@ def _profile(argv: list[str]) -> int:
     return 0
 
 
-# the step's phases in the order they run; policy_* are the captioner's update inside `train`
-PHASES = ("sync", "caption", "reason", "reward", "logprob", "train", "policy_forward", "policy_loss", "policy_backward")
-
-
 def phase_summary(history: list[dict]) -> str:
     """Mean seconds per phase over the steps (the first left out when there are more: it warms up),
     with the step's tokens/s and the policy update's caption tokens/s and (GPU) MFU."""
@@ -91,23 +90,6 @@ def phase_summary(history: list[dict]) -> str:
     if "policy_mfu" in rows[0]:
         lines.append(f"  {'policy_mfu':22s} {mean('policy_mfu'):9.3f}  (matmul FLOPs of the update, a lower bound)")
     return "\n".join(lines)
-
-
-def run_main(fn, argv: list[str] | None = None) -> int:
-    """Run an entry point; a user's mistake (ConfigError) is one line and exit status 2.
-
-    `--debug` anywhere in argv is taken out and lets the traceback through instead."""
-    from racro_fast.config import ConfigError
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    try:
-        return fn(argv)
-    except ConfigError as e:
-        if debug:
-            raise
-        print(f"racro-fast: error: {e}", file=sys.stderr)
-        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

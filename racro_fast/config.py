@@ -11,6 +11,7 @@ section), validated there.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,29 @@ from racro_fast.kernels import GRPOLossConfig
 
 class ConfigError(ValueError):
     """A bad configuration value; the message starts with the field's dotted name."""
+
+
+def run_main(fn, argv: list[str] | None = None) -> int:
+    """Run an entry point; a user's mistake (ConfigError) is one line and exit status 2.
+
+    `--debug` anywhere in argv is taken out and lets the traceback through instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not sys.stderr.isatty():
+        # a progress bar redrawn into a log file is noise: transformers' and the hub's loading and
+        # saving bars are drawn on a terminal only (the run's own progress: metrics.MetricsLog)
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
+    try:
+        return fn(argv)
+    except ConfigError as e:
+        if debug:
+            raise
+        print(f"racro-fast: error: {e}", file=sys.stderr)
+        return 2
 
 
 @dataclass

@@ -28,7 +28,9 @@ The cache key covers everything that changes the models; `RACRO_FAST_CACHE` move
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
+import io
 import json
 import logging
 import os
@@ -38,8 +40,18 @@ import shutil
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from racro_fast.synth import ATTRIBUTES, COLORS, count_fact, value_fact
+from racro_fast.config import load_config
+from racro_fast.engines import GenRequest, HFEngine, SamplingConfig
+from racro_fast.evaluate import EvalConfig, evaluate
+from racro_fast.forward import Sample, collate
+from racro_fast.prompts import (build_captioner_inputs, captioner_messages, clean_problem, mm_token_types,
+                                reasoner_messages, text_prompt_ids)
+from racro_fast.rewards import boxed_math
+from racro_fast.synth import ATTRIBUTES, COLORS, FAMILIES, count_fact, make_rows, value_fact, write_synth
+from racro_fast.tiny import build_captioner, build_reasoner, build_tokenizer
+from racro_fast.train import train
 
 log = logging.getLogger("racro_fast.demo")
 
@@ -55,7 +67,6 @@ def _sft(model, examples: list[tuple], steps: int, batch: int, lr: float, seed: 
          pad_id: int, what: str) -> float:
     """Teacher-forced cross-entropy on the target tokens only; returns the last loss.
     examples: (prompt dict, target ids, ...) tuples."""
-    from racro_fast.prompts import mm_token_types
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     # warm-up + clipping: without them a two-layer model at this lr stalls at chance on the copy;
@@ -65,23 +76,17 @@ def _sft(model, examples: list[tuple], steps: int, batch: int, lr: float, seed: 
     loss_val = float("nan")
     for step in range(steps):
         idx = torch.randint(len(examples), (batch,), generator=g).tolist()
-        seqs = [examples[i][0]["prompt_ids"] + examples[i][1] for i in idx]
-        T = max(map(len, seqs))
-        ids = torch.full((batch, T), pad_id, dtype=torch.long)
-        attn = torch.zeros((batch, T), dtype=torch.long)
-        labels = torch.full((batch, T), -100, dtype=torch.long)
-        for b, i in enumerate(idx):
-            p, y = examples[i][0]["prompt_ids"], examples[i][1]
-            ids[b, :len(p) + len(y)] = torch.tensor(p + y)
-            attn[b, :len(p) + len(y)] = 1
-            labels[b, len(p):len(p) + len(y)] = torch.tensor(y)
+        batch_ = collate([Sample(examples[i][0]["prompt_ids"] + examples[i][1], len(examples[i][0]["prompt_ids"]),
+                                 examples[i][0].get("pixel_values"), examples[i][0].get("image_grid_thw"))
+                          for i in idx], pad_id, torch.device("cpu"))
+        ids = batch_["input_ids"]  # (B, T)
+        labels = torch.full_like(ids, -100)  # the model shifts them: position t is scored on token t
+        labels[:, 1:][batch_["mask"]] = ids[:, 1:][batch_["mask"]]
         kw = {}
-        pv = [examples[i][0]["pixel_values"] for i in idx if examples[i][0].get("pixel_values") is not None]
-        if pv:
-            kw["pixel_values"] = torch.cat(pv)
-            kw["image_grid_thw"] = torch.cat([examples[i][0]["image_grid_thw"] for i in idx])
+        if "pixel_values" in batch_:
+            kw["pixel_values"], kw["image_grid_thw"] = batch_["pixel_values"], batch_["image_grid_thw"]
             kw["mm_token_type_ids"] = mm_token_types(ids, model.config)  # 3-D positions, as in training
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels, **kw).loss
+        loss = model(input_ids=ids, attention_mask=batch_["attention_mask"], labels=labels, **kw).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -148,7 +153,6 @@ def _scene_reasoner_examples(tok, rows: list[dict], rng: random.Random, n: int, 
     one to three facts with random content, half of them stating the key the question needs (first,
     half of the time), mostly cut after 1..2*budget tokens. The content is random so the reasoner
     reads it: it never sees a scene."""
-    from racro_fast.prompts import clean_problem, reasoner_messages, text_prompt_ids
     keys = [None, *_VALUES]
     examples = []
     for i in range(n):
@@ -171,11 +175,6 @@ def _scene_reasoner_examples(tok, rows: list[dict], rng: random.Random, n: int, 
 def _scene_captioner_examples(tok, image_processor, rows: list[dict], rng: random.Random) -> tuple[list, list]:
     """Generic captions of every fact: in the canonical order, and in a random order. A caption
     starts with a space, so its first fact's key is the token the question has (" big", not "big")."""
-    import io
-
-    from PIL import Image
-
-    from racro_fast.prompts import build_captioner_inputs, captioner_messages
     fixed, shuffled = [], []
     eos = [tok.eos_token_id]
     for row in rows:
@@ -195,8 +194,6 @@ def _reasoner_agreement(reasoner, tok, rows: list[dict], rng: random.Random, bud
     """Greedy answers on held-out captions of the training form: how often the boxed answer is
     scene_answer's, on captions that state what the question needs and on those that do not
     (where the answer is UNKNOWN)."""
-    from racro_fast.engines import GenRequest, HFEngine, SamplingConfig
-    from racro_fast.rewards import boxed_math
     examples = _scene_reasoner_examples(tok, rows, rng, n, budget)
     reqs = [GenRequest(prompt_ids=prompt["prompt_ids"]) for prompt, *_ in examples]
     outs = HFEngine(reasoner, tok).generate(reqs, SamplingConfig(n=1, temperature=0.0, max_tokens=16))
@@ -208,7 +205,6 @@ def _reasoner_agreement(reasoner, tok, rows: list[dict], rng: random.Random, bud
 
 def demo_config(path: str | Path | None = None, overrides: list[str] | None = None):
     """The demo run config with the tiny models built (or taken from the cache) and their paths set."""
-    from racro_fast.config import load_config
     cfg = load_config(path or DEMO_CONFIG, overrides)
     cfg.model.captioner, cfg.model.reasoner = prepare_demo_models(cfg)
     return cfg
@@ -219,8 +215,6 @@ def family_accuracy(cfg, captioner: str | Path, out_dir: str | Path, n: int = 12
     """The frozen demo reasoner's accuracy per question family on n held-out scenes each (rows no
     model saw: another seed), reading `captioner`'s captions under the run's caption budget.
     The scenes are written to data_dir (default out_dir/data) once and reused by later calls."""
-    from racro_fast.evaluate import evaluate
-    from racro_fast.synth import FAMILIES, write_synth
     out_dir = Path(out_dir)
     data_dir = Path(data_dir) if data_dir is not None else out_dir / "data"
     acc = {}
@@ -229,19 +223,16 @@ def family_accuracy(cfg, captioner: str | Path, out_dir: str | Path, n: int = 12
         if not data.exists():
             write_synth(str(data), n, task="scene", seed=cfg.train.seed + 4242, size=cfg.data.image_size,
                         families=[family])
-        res = evaluate(captioner, [cfg.model.reasoner], [data], modes=["caption"], out_dir=out_dir / family,
-                       engine="hf", caption_temperature=temperature, reasoner_temperature=0.0,
-                       max_caption_tokens=cfg.rollout.max_caption_tokens,
-                       max_reasoner_tokens=cfg.rollout.max_reasoner_tokens, seed=cfg.train.seed)
+        res = evaluate(EvalConfig(captioner, [cfg.model.reasoner], [data], modes=["caption"], out_dir=out_dir / family,
+                                  engine="hf", caption_temperature=temperature, reasoner_temperature=0.0,
+                                  max_caption_tokens=cfg.rollout.max_caption_tokens,
+                                  max_reasoner_tokens=cfg.rollout.max_reasoner_tokens, seed=cfg.train.seed))
         ((_, columns),) = res["accuracy"].items()
         acc[family] = columns[f"{Path(cfg.model.reasoner).name}/caption"]
     return acc
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from racro_fast.train import train
     p = argparse.ArgumentParser(prog="racro-fast demo", description="Train the tiny demo captioner on CPU.")
     p.add_argument("--config", default=None, help=f"default: {DEMO_CONFIG}")
     p.add_argument("--no-eval", action="store_true", help="skip the per-family evaluation before and after")
@@ -279,9 +270,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def prepare_demo_models(cfg) -> tuple[str, str]:
     """Build (or reuse from the cache) the demo captioner and reasoner; returns their paths."""
-    from racro_fast.prompts import clean_problem
-    from racro_fast.synth import make_rows
-    from racro_fast.tiny import build_captioner, build_reasoner, build_tokenizer
 
     if cfg.data.synth_task != "scene":
         raise ValueError(f"data.synth_task: the tiny demo models are built for 'scene', got {cfg.data.synth_task!r}")

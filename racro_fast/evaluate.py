@@ -38,19 +38,20 @@ import csv
 import gc
 import json
 import logging
-import os
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from racro_fast.eval_data import BenchFile, BenchItem, LayoutError, load_benchmark
-from racro_fast.engines import GenRequest, HFEngine, SamplingConfig
 from racro_fast import models
+from racro_fast.engines import Engine, GenRequest, HFEngine, SamplingConfig, standalone_vllm
+from racro_fast.eval_data import BenchFile, BenchItem, LayoutError, load_benchmark
+from racro_fast.jsonl import JsonlStore
 from racro_fast.plots import grouped_bars
 from racro_fast.prompts import (
     build_captioner_inputs,
@@ -60,7 +61,9 @@ from racro_fast.prompts import (
     reasoner_messages,
     text_prompt_ids,
 )
-from racro_fast.rewards import RewardScorer, extract_boxed
+from racro_fast.reasoner import build_reasoner_engine
+from racro_fast.reward_pool import RewardScorer
+from racro_fast.rewards import extract_boxed
 
 logger = logging.getLogger(__name__)
 
@@ -103,38 +106,6 @@ def column(reasoner: str, mode: str) -> str:
 # ---------------------------------------------------------------------------- records
 
 
-class JsonlStore:
-    """Append-only JSONL that survives being killed mid-write: a torn last line is dropped on open."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.records: list[dict] = []
-        if path.exists():
-            raw = path.read_bytes()
-            good = []
-            for line in raw.decode("utf-8", errors="replace").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict):
-                    good.append(rec)
-            self.records = good
-            if raw and (not raw.endswith(b"\n") or len(good) != raw.count(b"\n")):
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in good), encoding="utf-8")
-                os.replace(tmp, path)
-        self._f = open(path, "a", encoding="utf-8")
-
-    def append(self, rec: dict) -> None:
-        self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self._f.flush()
-        self.records.append(rec)
-
-    def close(self) -> None:
-        self._f.close()
-
-
 def _key(item: BenchItem) -> tuple[str, str]:
     return item.benchmark, item.id
 
@@ -160,24 +131,7 @@ def _device_dtype() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def _max_positions(path: str) -> int | None:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return None
-    c = json.loads(cfg.read_text())
-    return (c.get("text_config") or {}).get("max_position_embeddings") or c.get("max_position_embeddings")
-
-
-def _vllm(path: str, want_len: int, seed: int, **kw: Any) -> Any:
-    from racro_fast.engines import VLLMEngine
-
-    limit = _max_positions(path)
-    # One engine at a time, so it may take most of the GPU; "auto" keeps the checkpoint's dtype.
-    return VLLMEngine(path, dtype="auto", gpu_memory_utilization=0.85, enable_sleep_mode=False,
-                      max_model_len=min(want_len, limit) if limit else want_len, seed=seed, **kw)
-
-
-def load_captioner(path: str, engine: str, batch_size: int, max_tokens: int, seed: int) -> tuple[Any, Any, Any]:
+def load_captioner(path: str, engine: str, batch_size: int, max_tokens: int, seed: int) -> tuple[Engine, Any, Any]:
     """(engine, tokenizer, image_processor) for the captioner."""
     tokenizer, image_processor = models.load_processors(path)
     if engine == "vllm" and not torch.cuda.is_available():
@@ -186,7 +140,7 @@ def load_captioner(path: str, engine: str, batch_size: int, max_tokens: int, see
         engine = "hf"
     if engine == "vllm":
         # Room for the image tokens and question besides the answer.
-        return _vllm(path, max_tokens + 8192, seed, limit_mm_per_prompt={"image": 8}), tokenizer, image_processor
+        return standalone_vllm(path, max_tokens + 8192, seed, limit_mm_per_prompt={"image": 8}), tokenizer, image_processor
     device, dtype = _device_dtype()
     model = models.load_captioner(path, dtype, device).eval()
     return HFEngine(model, tokenizer, batch_size=batch_size), tokenizer, image_processor
@@ -199,26 +153,12 @@ def split_reasoner(spec: str) -> tuple[str, str | None]:
     return (path, "http" + rest) if sep else (spec, None)
 
 
-def load_reasoner(spec: str, engine: str, batch_size: int, max_tokens: int, seed: int) -> tuple[Any, Any]:
+def load_reasoner(spec: str, engine: str, batch_size: int, max_tokens: int, seed: int) -> tuple[Engine, Any]:
     """(engine, tokenizer) for a text reasoner (see `split_reasoner`)."""
-    from transformers import AutoTokenizer
-
     path, url = split_reasoner(spec)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if url is not None:
-        from racro_fast.engines import ServerEngine
-        return ServerEngine(url, tokenizer, concurrency=batch_size), tokenizer
-    if engine == "vllm":
-        return _vllm(path, max_tokens + 8192, seed), tokenizer
     device, dtype = _device_dtype()
-    model = models.load_reasoner(path, dtype, device)
-    return HFEngine(model, tokenizer, batch_size=batch_size), tokenizer
-
-
-def shutdown(engine: Any) -> None:
-    """Drop a vLLM engine's `LLM` (its only strong reference); HF engines need nothing."""
-    if hasattr(engine, "close"):
-        engine.close()
+    return build_reasoner_engine(path, engine, url=url or "", dtype=dtype, device=device, batch_size=batch_size,
+                                 max_tokens=max_tokens, seed=seed)
 
 
 def release_memory() -> None:
@@ -238,26 +178,87 @@ def release_memory() -> None:
 # ---------------------------------------------------------------------------- the run
 
 
-def evaluate(
-    captioner: str | Path,
-    reasoners: Sequence[str | Path],
-    data: Sequence[str | Path],
-    modes: Sequence[str] = ("caption",),
-    out_dir: str | Path = "runs/eval",
-    *,
-    engine: str = "auto",
-    limit: int | None = None,
-    batch_size: int | None = None,
-    caption_temperature: float = 0.0,
-    reasoner_temperature: float = 0.6,
-    reasoner_top_p: float = 0.95,
-    max_caption_tokens: int = 2048,
-    max_reasoner_tokens: int = 8192,
-    layout: str | None = None,
-    seed: int = 0,
-    grade_timeout: float = 10.0,
-    on_record: Callable[[dict], None] | None = None,
-) -> dict:
+@dataclass
+class EvalConfig:
+    """One evaluation: what is evaluated, on what, and how it samples (`racro-fast eval`'s flags)."""
+    captioner: str  # Qwen2.5-VL checkpoint directory or hub id
+    reasoners: list[str]  # PATH, or PATH@URL for a vLLM server already serving it; evaluated in turn
+    data: list[str]  # benchmark files: parquet / jsonl / json
+    modes: list[str] = field(default_factory=lambda: ["caption"])  # of MODES
+    out_dir: str = "runs/eval"  # rerunning into it resumes
+    engine: str = "auto"  # auto (vLLM when it imports and CUDA is present) | vllm | hf
+    limit: int | None = None  # first N rows of each file
+    batch_size: int | None = None  # prompts per generation call (None: hf 64, vllm 512)
+    caption_temperature: float = 0.0  # the paper's: greedy captions
+    reasoner_temperature: float = 0.6
+    reasoner_top_p: float = 0.95
+    max_caption_tokens: int = 2048  # also bounds the captioner's own answers
+    max_reasoner_tokens: int = 8192
+    layout: str | None = None  # force a benchmark layout instead of detecting it
+    seed: int = 0
+    grade_timeout: float = 10.0  # seconds per graded answer
+
+    def __post_init__(self) -> None:
+        for m in self.modes:
+            if m not in MODES:
+                raise ValueError(f"mode: expected one of {MODES}, got {m!r}")
+        self.modes = list(dict.fromkeys(self.modes))
+        if any(m != "direct" for m in self.modes) and not self.reasoners:
+            raise ValueError("reasoners: the caption and joint modes need at least one --reasoner")
+        self.captioner = str(self.captioner)
+        self.reasoners = [str(r) for r in self.reasoners]
+        self.data = [str(d) for d in self.data]
+        self.engine = resolve_engine(self.engine)
+        self.batch_size = self.batch_size or (512 if self.engine == "vllm" else 64)
+
+
+class Grader:
+    """Verdicts of predicted answers against items, through reward workers started on first use."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.scorer: RewardScorer | None = None
+
+    def __call__(self, preds: list[str | None], items: list[BenchItem]) -> list[bool]:
+        if self.scorer is None:
+            self.scorer = RewardScorer("eval_reward", timeout=self.timeout, workers=2)
+        return [s > 0 for s in self.scorer.score([p or "" for p in preds], [it.grading_spec() for it in items])]
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+
+
+@dataclass
+class EvalRun:
+    """What an evaluation has so far: the items, the captioner's outputs and the verdicts (both
+    appended to their JSONL files as they come, and read back from them on a rerun)."""
+    cfg: EvalConfig
+    out: Path
+    names: list[str]  # the reasoners' column names
+    files: list[BenchFile]
+    files_skipped: dict[str, str]  # path -> why the file was not evaluated
+    items: list[BenchItem]
+    skipped: dict[str, Counter]  # benchmark -> reason -> items
+    captions: JsonlStore
+    records: JsonlStore
+    grade: Grader
+    on_record: Callable[[dict], None] | None = None
+    cached: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (benchmark, id, kind) -> text
+    done: set[tuple[str, str, str, str]] = field(default_factory=set)  # (benchmark, id, mode, reasoner)
+
+    def write(self, store: JsonlStore, rec: dict) -> None:
+        store.append(rec)
+        if self.on_record is not None:
+            self.on_record(rec)
+
+    def close(self) -> None:
+        self.captions.close()
+        self.records.close()
+        self.grade.close()
+
+
+def evaluate(cfg: EvalConfig, on_record: Callable[[dict], None] | None = None) -> dict:
     """Run the evaluation and write the tables; returns
 
         {"accuracy": {benchmark: {"<reasoner>/<mode>": acc in [0, 1]}},
@@ -269,181 +270,174 @@ def evaluate(
     "captioner/direct". `on_record` is called with every record just written (the tests
     use it to interrupt a run).
     """
-    for m in modes:
-        if m not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {m!r}")
-    modes = list(dict.fromkeys(modes))
-    if any(m != "direct" for m in modes) and not reasoners:
-        raise ValueError("reasoners: the caption and joint modes need at least one --reasoner")
-    kind = resolve_engine(engine)
-    batch_size = batch_size or (512 if kind == "vllm" else 64)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    captioner = str(captioner)
-    names = reasoner_names([str(r) for r in reasoners])
+    run = start(cfg, on_record)
+    try:
+        captioner_pass(run)
+        if "direct" in cfg.modes:
+            direct_pass(run)
+        for name, path in zip(run.names, cfg.reasoners):
+            reasoner_pass(run, name, path)
+    finally:
+        run.close()
+    result = tables(run)
+    write_tables(result, run.out)
+    return result
 
-    # --- benchmarks
+
+def load_data(cfg: EvalConfig) -> tuple[list[BenchFile], dict[str, str]]:
+    """The benchmark files, each its own row (two files of one layout stay two rows), and the files
+    that could not be read, with why."""
     files: list[BenchFile] = []
     files_skipped: dict[str, str] = {}
-    for path in data:
+    for path in cfg.data:
         try:
-            bf = load_benchmark(path, layout=layout, limit=limit)
+            bf = load_benchmark(path, layout=cfg.layout, limit=cfg.limit)
         except LayoutError as e:
-            files_skipped[str(path)] = str(e)
+            files_skipped[path] = str(e)
             logger.warning("skipping %s: %s", path, e)
             continue
-        taken = {f.benchmark for f in files}
-        if bf.benchmark in taken:  # two files of one layout stay two rows
+        if bf.benchmark in {f.benchmark for f in files}:
             bf.benchmark = f"{bf.benchmark}:{Path(path).stem}"
             for it in bf.items:
                 it.benchmark = bf.benchmark
         files.append(bf)
-    items = [it for bf in files for it in bf.items]
-    skipped: dict[str, Counter] = {bf.benchmark: Counter(bf.skipped) for bf in files}
+    return files, files_skipped
+
+
+def start(cfg: EvalConfig, on_record: Callable[[dict], None] | None = None) -> EvalRun:
+    """The benchmarks loaded, run.json written and the earlier outputs under cfg.out_dir read back."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = reasoner_names(cfg.reasoners)
+    files, files_skipped = load_data(cfg)
     (out / "run.json").write_text(json.dumps({
-        "captioner": captioner, "reasoners": dict(zip(names, map(str, reasoners))), "modes": modes,
-        "data": [str(d) for d in data], "engine": kind, "limit": limit,
-        "caption_temperature": caption_temperature, "reasoner_temperature": reasoner_temperature,
-        "reasoner_top_p": reasoner_top_p, "max_caption_tokens": max_caption_tokens,
-        "max_reasoner_tokens": max_reasoner_tokens, "seed": seed}, indent=2))
+        "captioner": cfg.captioner, "reasoners": dict(zip(names, cfg.reasoners)), "modes": cfg.modes,
+        "data": cfg.data, "engine": cfg.engine, "limit": cfg.limit,
+        "caption_temperature": cfg.caption_temperature, "reasoner_temperature": cfg.reasoner_temperature,
+        "reasoner_top_p": cfg.reasoner_top_p, "max_caption_tokens": cfg.max_caption_tokens,
+        "max_reasoner_tokens": cfg.max_reasoner_tokens, "seed": cfg.seed}, indent=2))
+    run = EvalRun(cfg, out, names, files, files_skipped, [it for bf in files for it in bf.items],
+                  {bf.benchmark: Counter(bf.skipped) for bf in files}, JsonlStore(out / "captions.jsonl"),
+                  JsonlStore(out / "records.jsonl"), Grader(cfg.grade_timeout), on_record)
+    run.cached = {(r["benchmark"], r["id"], r["kind"]): r["text"] for r in run.captions.records}
+    run.done = {(r["benchmark"], r["id"], r["mode"], r["reasoner"]) for r in run.records.records}
+    return run
 
-    captions = JsonlStore(out / "captions.jsonl")
-    records = JsonlStore(out / "records.jsonl")
-    scorer: RewardScorer | None = None
-    try:
-        cached: dict[tuple[str, str, str], str] = {
-            (r["benchmark"], r["id"], r["kind"]): r["text"] for r in captions.records}
-        done = {(r["benchmark"], r["id"], r["mode"], r["reasoner"]) for r in records.records}
 
-        def write(store: JsonlStore, rec: dict) -> None:
-            store.append(rec)
-            if on_record is not None:
-                on_record(rec)
-
-        def grade(preds: list[str | None], batch: list[BenchItem]) -> list[bool]:
-            nonlocal scorer
-            if scorer is None:
-                scorer = RewardScorer("eval_reward", timeout=grade_timeout, workers=2)
-            return [s > 0 for s in scorer.score([p or "" for p in preds], [it.grading_spec() for it in batch])]
-
-        # --- captioner: captions (caption, joint) and its own answers (joint, direct), once per item
-        need = []
-        if {"caption", "joint"} & set(modes):
-            need.append("caption")
-        if {"joint", "direct"} & set(modes):
-            need.append("answer")
-        todo = [(it, k) for it in items for k in need if (*_key(it), k) not in cached]
-        bad: set[tuple[str, str]] = set()
-
-        # The passes are functions so that an engine's only reference dies when its pass returns.
-        def captioner_pass() -> None:
-            cap_engine, tok, improc = load_captioner(captioner, kind, batch_size, max_caption_tokens, seed)
-            sampling = SamplingConfig(n=1, temperature=caption_temperature, top_p=1.0,
-                                      max_tokens=max_caption_tokens, seed=seed)
-            for start in range(0, len(todo), batch_size):
-                chunk, requests = [], []
-                for it, k in todo[start:start + batch_size]:
-                    if _key(it) in bad:
-                        continue
-                    try:
-                        images = it.pil_images()
-                        msgs = caption_prompt(it) if k == "caption" else answer_prompt(it)
-                        inp = build_captioner_inputs(tok, improc, msgs, images)
-                    except Exception as e:  # a bad item must not stop the run
-                        logger.warning("%s %s: cannot build the captioner prompt: %s", it.benchmark, it.id, e)
-                        bad.add(_key(it))
-                        skipped[it.benchmark][BAD_INPUT] += 1
-                        continue
-                    chunk.append((it, k))
-                    requests.append(GenRequest(prompt_ids=inp.prompt_ids, pixel_values=inp.pixel_values,
-                                               image_grid_thw=inp.image_grid_thw, images=images,
-                                               vllm_prompt_ids=inp.vllm_prompt_ids))
-                if not requests:
-                    continue
-                outs = cap_engine.generate(requests, sampling)  # [chunk][1]
-                for (it, k), (o,) in zip(chunk, outs):
-                    cached[(*_key(it), k)] = o.text
-                    write(captions, {"benchmark": it.benchmark, "id": it.id, "kind": k, "text": o.text,
+def captioner_pass(run: EvalRun) -> None:
+    """The captioner's captions (caption, joint modes) and its own answers (joint, direct), once per
+    item; an item whose prompt cannot be built is skipped and counted. The engine is loaded only
+    when something is missing, and freed before this returns."""
+    cfg = run.cfg
+    need = (["caption"] if {"caption", "joint"} & set(cfg.modes) else []) + \
+           (["answer"] if {"joint", "direct"} & set(cfg.modes) else [])
+    todo = [(it, k) for it in run.items for k in need if (*_key(it), k) not in run.cached]
+    if not todo:
+        return
+    bad: set[tuple[str, str]] = set()
+    engine, tok, improc = load_captioner(cfg.captioner, cfg.engine, cfg.batch_size, cfg.max_caption_tokens, cfg.seed)
+    sampling = SamplingConfig(n=1, temperature=cfg.caption_temperature, top_p=1.0,
+                              max_tokens=cfg.max_caption_tokens, seed=cfg.seed)
+    for start_i in range(0, len(todo), cfg.batch_size):
+        chunk, requests = [], []
+        for it, k in todo[start_i:start_i + cfg.batch_size]:
+            if _key(it) in bad:
+                continue
+            try:
+                images = it.pil_images()
+                msgs = caption_prompt(it) if k == "caption" else answer_prompt(it)
+                inp = build_captioner_inputs(tok, improc, msgs, images)
+            except Exception as e:  # a bad item must not stop the run
+                logger.warning("%s %s: cannot build the captioner prompt: %s", it.benchmark, it.id, e)
+                bad.add(_key(it))
+                run.skipped[it.benchmark][BAD_INPUT] += 1
+                continue
+            chunk.append((it, k))
+            requests.append(GenRequest(prompt_ids=inp.prompt_ids, pixel_values=inp.pixel_values,
+                                       image_grid_thw=inp.image_grid_thw, images=images,
+                                       vllm_prompt_ids=inp.vllm_prompt_ids))
+        if not requests:
+            continue
+        outs = engine.generate(requests, sampling)  # [chunk][1]
+        for (it, k), (o,) in zip(chunk, outs):
+            run.cached[(*_key(it), k)] = o.text
+            run.write(run.captions, {"benchmark": it.benchmark, "id": it.id, "kind": k, "text": o.text,
                                      "truncated": o.truncated})
-                _progress("captioner", min(start + batch_size, len(todo)), len(todo))
-            shutdown(cap_engine)
+        _progress("captioner", min(start_i + cfg.batch_size, len(todo)), len(todo))
+    engine.close()
+    del engine
+    release_memory()
+    run.items = [it for it in run.items if _key(it) not in bad]
 
-        if todo:
-            captioner_pass()
-            release_memory()
-            items = [it for it in items if _key(it) not in bad]
 
-        # --- direct: the captioner's own answer, graded
-        if "direct" in modes:
-            batch = [it for it in items if (*_key(it), "direct", DIRECT_REASONER) not in done
-                     and (*_key(it), "answer") in cached]
-            for start in range(0, len(batch), batch_size):
-                chunk = batch[start:start + batch_size]
-                texts = [cached[(*_key(it), "answer")] for it in chunk]
-                preds = [extract_boxed(t) for t in texts]
-                for it, text, pred, ok in zip(chunk, texts, preds, grade(preds, chunk)):
-                    write(records, _record(it, "direct", DIRECT_REASONER, None, text, None, pred, ok))
+def direct_pass(run: EvalRun) -> None:
+    """The direct mode: the captioner's own answers, graded."""
+    batch = [it for it in run.items if (*_key(it), "direct", DIRECT_REASONER) not in run.done
+             and (*_key(it), "answer") in run.cached]
+    for start_i in range(0, len(batch), run.cfg.batch_size):
+        chunk = batch[start_i:start_i + run.cfg.batch_size]
+        texts = [run.cached[(*_key(it), "answer")] for it in chunk]
+        preds = [extract_boxed(t) for t in texts]
+        for it, text, pred, ok in zip(chunk, texts, preds, run.grade(preds, chunk)):
+            run.write(run.records, _record(it, "direct", DIRECT_REASONER, None, text, None, pred, ok))
 
-        # --- reasoners, one at a time
-        def reasoner_pass(name: str, path: str, todo: list[tuple[BenchItem, str]]) -> None:
-            r_engine, tok = load_reasoner(path, kind, batch_size, max_reasoner_tokens, seed)
-            sampling = SamplingConfig(n=1, temperature=reasoner_temperature, top_p=reasoner_top_p,
-                                      max_tokens=max_reasoner_tokens, seed=seed)
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
-                requests = []
-                for it, m in chunk:
-                    msgs = reasoner_prompt(it, m, cached[(*_key(it), "caption")], cached.get((*_key(it), "answer")))
-                    requests.append(GenRequest(prompt_ids=text_prompt_ids(tok, msgs)))
-                outs = r_engine.generate(requests, sampling)  # [chunk][1]
-                preds = [extract_boxed(o.text) for (o,) in outs]
-                verdicts = grade(preds, [it for it, _ in chunk])
-                for (it, m), (o,), pred, ok in zip(chunk, outs, preds, verdicts):
-                    rec = _record(it, m, name, cached[(*_key(it), "caption")],
-                                  cached.get((*_key(it), "answer")) if m == "joint" else None, o.text, pred, ok)
-                    rec["truncated"] = o.truncated
-                    write(records, rec)
-                _progress(name, min(start + batch_size, len(todo)), len(todo))
-            shutdown(r_engine)
 
-        r_modes = [m for m in modes if m != "direct"]
-        for name, path in zip(names, map(str, reasoners)):
-            todo_r = [(it, m) for it in items for m in r_modes
-                      if (*_key(it), m, name) not in done and (*_key(it), "caption") in cached
-                      and (m == "caption" or (*_key(it), "answer") in cached)]
-            if todo_r:
-                reasoner_pass(name, path, todo_r)
-                release_memory()
-    finally:
-        captions.close()
-        records.close()
-        if scorer is not None:
-            scorer.close()
+def reasoner_pass(run: EvalRun, name: str, path: str) -> None:
+    """One reasoner over every item and mode it has not answered yet; loaded only when something is
+    missing, and freed before this returns."""
+    cfg = run.cfg
+    r_modes = [m for m in cfg.modes if m != "direct"]
+    todo = [(it, m) for it in run.items for m in r_modes
+            if (*_key(it), m, name) not in run.done and (*_key(it), "caption") in run.cached
+            and (m == "caption" or (*_key(it), "answer") in run.cached)]
+    if not todo:
+        return
+    engine, tok = load_reasoner(path, cfg.engine, cfg.batch_size, cfg.max_reasoner_tokens, cfg.seed)
+    sampling = SamplingConfig(n=1, temperature=cfg.reasoner_temperature, top_p=cfg.reasoner_top_p,
+                              max_tokens=cfg.max_reasoner_tokens, seed=cfg.seed)
+    for start_i in range(0, len(todo), cfg.batch_size):
+        chunk = todo[start_i:start_i + cfg.batch_size]
+        requests = []
+        for it, m in chunk:
+            msgs = reasoner_prompt(it, m, run.cached[(*_key(it), "caption")], run.cached.get((*_key(it), "answer")))
+            requests.append(GenRequest(prompt_ids=text_prompt_ids(tok, msgs)))
+        outs = engine.generate(requests, sampling)  # [chunk][1]
+        preds = [extract_boxed(o.text) for (o,) in outs]
+        verdicts = run.grade(preds, [it for it, _ in chunk])
+        for (it, m), (o,), pred, ok in zip(chunk, outs, preds, verdicts):
+            rec = _record(it, m, name, run.cached[(*_key(it), "caption")],
+                          run.cached.get((*_key(it), "answer")) if m == "joint" else None, o.text, pred, ok)
+            rec["truncated"] = o.truncated
+            run.write(run.records, rec)
+        _progress(name, min(start_i + cfg.batch_size, len(todo)), len(todo))
+    engine.close()
+    del engine
+    release_memory()
 
-    # --- tables, from every record of the current items (this run's and earlier ones)
-    columns = [column(n, m) for n in names for m in modes if m != "direct"]
-    if "direct" in modes:
+
+def tables(run: EvalRun) -> dict:
+    """The accuracy table from every record of the current items (this run's and earlier ones)."""
+    columns = [column(n, m) for n in run.names for m in run.cfg.modes if m != "direct"]
+    if "direct" in run.cfg.modes:
         columns.append(DIRECT_COLUMN)
-    current = {_key(it) for it in items}
+    current = {_key(it) for it in run.items}
     hits: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     seen: set[tuple[str, str, str]] = set()
-    for r in records.records:
+    for r in run.records.records:
         col = column(r["reasoner"], r["mode"])
         key = (r["benchmark"], r["id"], col)
         if (r["benchmark"], r["id"]) in current and col in columns and key not in seen:
             seen.add(key)
             hits[r["benchmark"]][col].append(bool(r["verdict"]))
-    benches = [bf.benchmark for bf in files]
-    result = {
+    benches = [bf.benchmark for bf in run.files]
+    return {
         "accuracy": {b: {c: sum(hits[b][c]) / len(hits[b][c]) for c in columns if hits[b][c]} for b in benches},
         "n": {b: {c: len(hits[b][c]) for c in columns} for b in benches},
-        "skipped": {b: dict(skipped[b]) for b in benches},
-        "files_skipped": files_skipped,
+        "skipped": {b: dict(run.skipped[b]) for b in benches},
+        "files_skipped": run.files_skipped,
         "columns": columns,
-        "out_dir": str(out),
+        "out_dir": str(run.out),
     }
-    write_tables(result, out)
-    return result
 
 
 def _record(item: BenchItem, mode: str, reasoner: str, caption: str | None, captioner_answer: str | None,
@@ -552,13 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = evaluate(
+    result = evaluate(EvalConfig(
         args.captioner, args.reasoner, args.data, args.mode or ["caption"], args.out,
         engine=args.engine, limit=args.limit, batch_size=args.batch_size,
         caption_temperature=args.caption_temperature, reasoner_temperature=args.reasoner_temperature,
         reasoner_top_p=args.reasoner_top_p, max_caption_tokens=args.max_caption_tokens,
-        max_reasoner_tokens=args.max_reasoner_tokens, layout=args.layout, seed=args.seed,
-    )
+        max_reasoner_tokens=args.max_reasoner_tokens, layout=args.layout, seed=args.seed))
     print(markdown_table(result))
     print(f"written to {result['out_dir']}", file=sys.stderr)
     return 0 if result["accuracy"] else 1

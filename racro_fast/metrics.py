@@ -1,23 +1,146 @@
-"""Where the per-step metrics go: metrics.jsonl (one JSON line a step, flushed), TensorBoard and
-W&B when configured, and a progress bar; rank 0 only (the metrics arrive already reduced over ranks).
+"""The step's metrics: how each is reduced, the phases it is timed by, and where it goes.
+
+- `PHASES` and `Phases`: the seconds of each named phase of a step (`caption_s`, ...).
+- `UPDATE_REDUCTIONS`: how each update metric is reduced over micro-batches, ranks and a step's
+  updates (`MetricSums`, `combine_updates`), in one table.
+- `MetricsLog`: metrics.jsonl (one JSON line a step, flushed), TensorBoard and W&B when configured,
+  and progress (a bar on a terminal, a line every few steps otherwise); rank 0 only (the metrics
+  arrive already reduced over ranks).
 
     metrics = MetricsLog(cfg, out_dir, start_step); metrics.write(m); metrics.close()
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import sys
+import time
 from pathlib import Path
+
+import torch
 
 from racro_fast import dist
 from racro_fast.config import Config
 
+log = logging.getLogger("racro_fast.train")
+
+# the step's phases in the order they run; policy_* are the captioner's update inside `train`
+PHASES = ("sync", "caption", "reason", "reward", "logprob", "train", "policy_forward", "policy_loss", "policy_backward")
+
+
+class Phases:
+    """Seconds per named phase of one step (`with phases("caption"): ...` -> `caption_s`); on a GPU
+    each phase waits for the device at both ends, so its kernels count where they were launched."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if name not in PHASES:
+            raise ValueError(f"unknown phase {name!r}: one of {PHASES}")
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            key = f"{name}_s"
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t
+
+    def policy_seconds(self) -> float:
+        """The policy's forward, loss and backward: the time the update's throughput is over."""
+        return sum(self.seconds.get(f"policy_{k}_s", 0.0) for k in ("forward", "loss", "backward"))
+
+
+# How each update metric (the loss op's, plus the loss) is reduced. Over micro-batches and ranks:
+# "token_mean" weighted by each micro-batch's caption tokens; "sum" for the loss terms, each
+# micro-batch's already a share of the global mini-batch's loss; "min" / "max". Over a step's
+# updates: min / max stay min / max, everything else is the mean over the updates.
+UPDATE_REDUCTIONS = {
+    "loss": "sum", "pg_loss": "sum",
+    "clip_frac": "token_mean", "kl_mean": "token_mean", "ratio_mean": "token_mean", "entropy_mean": "token_mean",
+    "rollout_kl": "token_mean", "is_weight_mean": "token_mean", "is_clipped_frac": "token_mean",
+    "ratio_min": "min", "ratio_max": "max", "is_weight_max": "max",
+}
+
+
+def reduce_over_ranks(values: dict[str, float], how: dict[str, str]) -> dict[str, float]:
+    """Each value reduced over ranks by `how[key]` ("sum", "min" or "max"; "token_mean" sums):
+    the sums in one collective. Every rank must pass the same keys."""
+    sums = [k for k in values if how[k] not in ("min", "max")]
+    out = dict(zip(sums, dist.all_reduce_sum([values[k] for k in sums])))
+    for k in values:
+        if how[k] == "max":
+            out[k] = dist.all_reduce_max(values[k])
+        elif how[k] == "min":
+            out[k] = dist.all_reduce_min(values[k])
+    return out
+
+
+class MetricSums:
+    """An update's metrics over its micro-batches (`add`), then over ranks (`reduce`)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+        self.tokens = 0.0
+
+    def add(self, metrics: dict, tokens: float) -> None:
+        """One micro-batch's metrics (tensors or floats; keys outside UPDATE_REDUCTIONS are ignored)
+        over `tokens` caption tokens."""
+        self.tokens += tokens
+        for k, v in metrics.items():
+            how = UPDATE_REDUCTIONS.get(k)
+            if how is None:
+                continue
+            v = float(v) * (tokens if how == "token_mean" else 1.0)
+            if k not in self.values:
+                self.values[k] = v
+            elif how == "min":
+                self.values[k] = min(self.values[k], v)
+            elif how == "max":
+                self.values[k] = max(self.values[k], v)
+            else:
+                self.values[k] += v
+
+    def reduce(self) -> dict[str, float]:
+        """Over ranks: token means divided by the tokens of every rank."""
+        how = {**UPDATE_REDUCTIONS, "_tokens": "sum"}
+        out = reduce_over_ranks({**self.values, "_tokens": self.tokens}, how)
+        tokens = out.pop("_tokens")
+        return {k: v / tokens if UPDATE_REDUCTIONS[k] == "token_mean" and tokens else v for k, v in out.items()}
+
+
+def combine_updates(results: list[dict]) -> dict:
+    """A step's update metrics from each update's: min / max over the updates, grad_norm the mean
+    over the updates taken (`skipped` counts the others), everything else the mean."""
+    out = {}
+    for k in results[0]:
+        if k in ("grad_norm", "skipped"):
+            continue
+        vals = [r[k] for r in results]
+        how = UPDATE_REDUCTIONS.get(k)
+        out[k] = min(vals) if how == "min" else max(vals) if how == "max" else sum(vals) / len(vals)
+    taken = [r["grad_norm"] for r in results if not r["skipped"]]
+    out["grad_norm"] = sum(taken) / len(taken) if taken else float("nan")
+    out["skipped"] = float(sum(r["skipped"] for r in results))
+    return out
+
 
 class MetricsLog:
-    """metrics.jsonl (flushed per step), TensorBoard / W&B when configured, a progress bar; rank 0 only."""
+    """metrics.jsonl (flushed per step), TensorBoard / W&B when configured, progress; rank 0 only.
+
+    Progress (run.progress) is a bar on a terminal; in a log file (no terminal) it is one line every
+    `every` steps and at the last, so a redrawn bar never fills a non-terminal log."""
 
     def __init__(self, cfg: Config, out_dir: Path, start_step: int) -> None:
         self.on = dist.rank() == 0
         self.sinks, self.pbar, self.file = [], None, None
+        self.steps = cfg.train.steps
+        self.every = 0  # log a progress line every this many steps (0: none, or the bar)
         if not self.on:
             return
         self.file = open(out_dir / "metrics.jsonl", "a")
@@ -29,9 +152,16 @@ class MetricsLog:
             import wandb
             run = wandb.init(project=cfg.run.wandb_project, config=cfg.to_dict(), dir=str(out_dir))
             self.sinks.append(lambda m: run.log(m, step=m["step"]))
-        if cfg.run.progress:
+        if cfg.run.progress and sys.stderr.isatty():
             from tqdm.auto import tqdm
             self.pbar = tqdm(total=cfg.train.steps, initial=start_step, desc="grpo", dynamic_ncols=True)
+        elif cfg.run.progress:
+            self.every = max(1, cfg.train.steps // 20)
+
+    @staticmethod
+    def summary(m: dict) -> dict[str, str]:
+        return {"reward": f"{m['reward_mean']:.3f}", "kl": f"{m.get('kl_mean', 0):.4f}",
+                "len": f"{m['caption_len_mean']:.1f}"}
 
     def write(self, m: dict) -> None:
         if not self.on:
@@ -42,8 +172,10 @@ class MetricsLog:
             sink(m)
         if self.pbar is not None:
             self.pbar.update(1)
-            self.pbar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m.get('kl_mean', 0):.4f}",
-                                  len=f"{m['caption_len_mean']:.1f}")
+            self.pbar.set_postfix(**self.summary(m))
+        elif self.every and (m["step"] % self.every == 0 or m["step"] == self.steps):
+            log.info("step %d/%d %s %.1f s", m["step"], self.steps,
+                     " ".join(f"{k} {v}" for k, v in self.summary(m).items()), m["step_s"])
 
     def close(self) -> None:
         if self.pbar is not None:

@@ -44,10 +44,21 @@ def load_processors(path: str, min_pixels: int | None = None, max_pixels: int | 
     """(tokenizer, image processor) of a Qwen2.5-VL checkpoint; the resize bounds override its own.
 
     The image processor stands alone: the full Qwen2_5_VLProcessor needs torchvision for its video
-    half, which does not load beside CPU torch."""
-    from transformers import AutoTokenizer, Qwen2VLImageProcessor
+    half, which does not load beside CPU torch. Without torchvision it is the PIL backend, asked for
+    by name (transformers would otherwise fall back to it with a warning)."""
+    from transformers import AutoTokenizer
     bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    return AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessor.from_pretrained(path, **bounds)
+    return AutoTokenizer.from_pretrained(path), image_processor_class().from_pretrained(path, **bounds)
+
+
+def image_processor_class():
+    """Qwen2-VL's image processor: the torchvision backend where torchvision loads, else PIL's."""
+    from transformers.utils import is_torchvision_available
+    if is_torchvision_available():
+        from transformers import Qwen2VLImageProcessor
+        return Qwen2VLImageProcessor
+    from transformers import Qwen2VLImageProcessorPil
+    return Qwen2VLImageProcessorPil
 
 
 def load_captioner(path: str, dtype: torch.dtype, device: torch.device | None = None, attn_impl: str = "auto",

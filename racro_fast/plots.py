@@ -6,7 +6,11 @@ from pathlib import Path
 
 
 def _pyplot():
+    import logging
+
     import matplotlib
+    # a first import under a new HOME builds matplotlib's font cache and says so at INFO: not the user's concern
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

@@ -21,7 +21,6 @@ Left out on purpose:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import logging
@@ -39,16 +38,18 @@ import torch
 from racro_fast import checkpoint, dist, parallel
 from racro_fast.config import Config, ConfigError, check_paths, check_world, load_config
 from racro_fast.data import RowDataset, RowStream
-from racro_fast.engines import (GenOutput, GenRequest, HFEngine, ReasonerError, ReasonerServer, SamplingConfig,
-                                ServerEngine, VLLMEngine, push_weights)
+from racro_fast.engines import Engine, GenOutput, GenRequest, HFEngine, SamplingConfig, VLLMEngine, push_weights
 from racro_fast.forward import (ForwardPlan, Sample, caption_batches, caption_mask, caption_values, computed_tokens,
                                 fill_logprobs)
 from racro_fast.kernels import fused_linear_grpo, grpo_advantages
-from racro_fast.metrics import MetricsLog, collapse_signal, peak_tflops, policy_flops
-from racro_fast.models import load_captioner, load_processors, load_reasoner
+from racro_fast.metrics import (MetricsLog, MetricSums, Phases, collapse_signal, combine_updates, peak_tflops,
+                                policy_flops, reduce_over_ranks)
+from racro_fast.models import load_captioner, load_processors
 from racro_fast.prompts import (CaptionerInputs, build_captioner_inputs, captioner_messages, clean_problem,
                                 reasoner_messages, text_prompt_ids)
-from racro_fast.rewards import RewardScorer, caption_rewards, floor_short_captions
+from racro_fast.reasoner import ReasonerError, ServerEngine, ServerLaunch, build_reasoner_engine
+from racro_fast.reward_pool import RewardScorer
+from racro_fast.rewards import caption_rewards, floor_short_captions
 
 log = logging.getLogger("racro_fast.train")
 
@@ -69,17 +70,14 @@ def cut_at_vision_tokens(out, vision_ids: set[int], tokenizer) -> bool:
 
 # ----------------------------------------------------------------------------- update
 
-# update metrics averaged over tokens (weighted by each micro-batch's token count)
-TOKEN_MEANS = ("clip_frac", "kl_mean", "ratio_mean", "entropy_mean", "rollout_kl", "is_weight_mean", "is_clipped_frac")
-
 def policy_update(backend, model, optimizer, samples: list[Sample], cfg: Config, pad_id: int, device,
-                  phases: "Phases | None" = None) -> dict:
+                  plan: ForwardPlan, phases: Phases | None = None) -> dict:
     """One optimizer step over `samples` (one mini-batch), split into micro-batches.
 
     Token and sequence counts are the mini-batch's, summed over ranks, so the micro-batch losses add
     up to the loss of the whole global mini-batch. A non-finite loss or gradient norm skips the step.
-    `phases` collects the seconds of the policy's forward, loss (the fused op, gradients included)
-    and backward.
+    Metrics are reduced as `metrics.UPDATE_REDUCTIONS` says. `phases` collects the seconds of the
+    policy's forward, loss (the fused op, gradients included) and backward.
     """
     phases = phases or Phases()
     n_tokens = float(sum(len(s.input_ids) - s.prompt_len for s in samples))
@@ -87,11 +85,10 @@ def policy_update(backend, model, optimizer, samples: list[Sample], cfg: Config,
     n_tokens, n_seqs = dist.all_reduce_sum([n_tokens, n_seqs])
     # gradients are averaged over ranks by the wrapper; the loss is a global sum, so undo the average
     scale = float(dist.world_size())
-    sums: dict[str, float] = {}
-    weight = 0.0
+    sums = MetricSums()
     finite = True
     backend.zero_grad(model, optimizer)
-    batches = iter(caption_batches(model, samples, pad_id, device, ForwardPlan.from_config(cfg)))
+    batches = iter(caption_batches(model, samples, pad_id, device, plan))
     done = 0
     while True:
         with phases("policy_forward"):
@@ -114,27 +111,8 @@ def policy_update(backend, model, optimizer, samples: list[Sample], cfg: Config,
             break
         with phases("policy_backward"):
             backend.backward(model, loss * scale, last=done >= len(samples))
-        w = float(metrics["num_tokens_local"])
-        weight += w
-        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-        for k in TOKEN_MEANS + ("pg_loss",):
-            if k in metrics:
-                sums[k] = sums.get(k, 0.0) + float(metrics[k]) * (w if k != "pg_loss" else 1.0)
-        sums["ratio_min"] = min(sums.get("ratio_min", math.inf), float(metrics["ratio_min"]))
-        for k in ("ratio_max", "is_weight_max"):
-            if k in metrics:
-                sums[k] = max(sums.get(k, -math.inf), float(metrics[k]))
-    # token-weighted means over all ranks; the loss is already a share of the global loss, so it sums
-    extremes = ("ratio_min", "ratio_max", "is_weight_max")
-    keys = [k for k in sums if k not in extremes]
-    reduced = dict(zip(keys + ["_weight"], dist.all_reduce_sum([sums[k] for k in keys] + [weight])))
-    weight = reduced.pop("_weight")
-    out = {k: v / weight if k in TOKEN_MEANS and weight else v for k, v in reduced.items()}
-    for k in ("ratio_max", "is_weight_max"):
-        if k in sums:
-            out[k] = dist.all_reduce_max(sums[k])
-    if "ratio_min" in sums:
-        out["ratio_min"] = dist.all_reduce_min(sums["ratio_min"])
+        sums.add({**metrics, "loss": loss.detach()}, float(metrics["num_tokens_local"]))
+    out = sums.reduce()
     grad_norm = backend.clip_grad_norm(model, cfg.train.grad_clip) if finite else float("nan")
     out["grad_norm"] = float(grad_norm)
     if not (finite and math.isfinite(out["grad_norm"])):
@@ -157,6 +135,7 @@ class Policy:
     ref: torch.nn.Module | None  # frozen reference for the KL term; None when loss.kl_coef == 0
     tokenizer: object
     image_processor: object
+    plan: ForwardPlan  # how captions go through the policy (packed or padded, micro-batch sizes)
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     pad_id: int = field(init=False)
@@ -173,8 +152,8 @@ class Policy:
 
 @dataclass
 class Engines:
-    captioner: HFEngine | VLLMEngine
-    reasoner: HFEngine | VLLMEngine
+    captioner: Engine
+    reasoner: Engine
     reasoner_tokenizer: object
     scorer: RewardScorer
 
@@ -182,29 +161,7 @@ class Engines:
         """Stop the reward workers and the reasoner server this process started."""
         self.scorer.close()
         for engine in (self.reasoner, self.captioner):
-            if hasattr(engine, "close"):
-                engine.close()
-
-
-class Phases:
-    """Seconds per named phase of one step (`with phases("caption"): ...` -> `caption_s`); on a GPU
-    each phase waits for the device at both ends, so its kernels count where they were launched."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                torch.cuda.synchronize()
-            key = f"{name}_s"
-            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t
+            engine.close()
 
 
 def build_policy(cfg: Config, device: torch.device) -> Policy:
@@ -222,7 +179,7 @@ def build_policy(cfg: Config, device: torch.device) -> Policy:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = backend.wrap(model, device)
     model.train()
-    return Policy(backend, model, ref, tokenizer, image_processor)
+    return Policy(backend, model, ref, tokenizer, image_processor, ForwardPlan.from_config(cfg))
 
 
 def build_optimizer(cfg: Config, policy: Policy, device: torch.device) -> None:
@@ -260,37 +217,17 @@ def build_data(cfg: Config, out_dir: Path) -> tuple[RowDataset, RowStream]:
     return dataset, RowStream(len(dataset), cfg.train.seed, cfg.data.shuffle, dist.rank(), dist.world_size())
 
 
-def build_reasoner(cfg: Config, device: torch.device, out_dir: Path):
-    """The frozen reasoner: vLLM's server (one per node, started by local rank 0; the other ranks wait
-    for it), rollout.reasoner_url, or HF generate in this process."""
-    from transformers import AutoTokenizer
+def build_reasoner(cfg: Config, device: torch.device, out_dir: Path) -> tuple[Engine, object]:
+    """The frozen reasoner and its tokenizer: vLLM's server (one per node, started by local rank 0; the
+    other ranks wait for it), rollout.reasoner_url, or HF generate in this process."""
     r = cfg.rollout
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.reasoner)
-    if r.reasoner_engine == "hf":
-        return HFEngine(load_reasoner(cfg.model.reasoner, getattr(torch, cfg.model.dtype), device), tokenizer)
-    if r.reasoner_url:
-        return ServerEngine(r.reasoner_url, tokenizer, timeout=r.reasoner_timeout)
-    server = None
-    if dist.local_rank() == 0:
-        gpus = torch.cuda.device_count() if device.type == "cuda" else 1
-        server = ReasonerServer(cfg.model.reasoner, port=r.reasoner_port, dtype=cfg.model.dtype,
-                                max_model_len=r.max_model_len, gpu_memory_utilization=r.reasoner_gpu_fraction,
-                                tensor_parallel_size=r.reasoner_tp,
-                                data_parallel_size=r.reasoner_dp or max(1, gpus // r.reasoner_tp),
-                                seed=cfg.train.seed, log_path=out_dir / f"reasoner_server_rank{dist.rank()}.log")
-    try:
-        if server is not None:
-            server.wait_ready(r.reasoner_start_timeout)
-        failed = dist.all_reduce_sum([0.0 if server is None or server.proc.poll() is None else 1.0])[0]
-    except ReasonerError:
-        dist.all_reduce_sum([1.0])
-        raise
-    if failed:
-        raise ReasonerError("a reasoner server on another node failed to start")
-    engine = ServerEngine(f"http://127.0.0.1:{r.reasoner_port}", tokenizer, timeout=r.reasoner_timeout,
-                          managed=True, server=server)
-    engine.sleep(level=1)  # the captioner's phase comes first
-    return engine
+    launch = ServerLaunch(port=r.reasoner_port, dtype=cfg.model.dtype, max_model_len=r.max_model_len,
+                          gpu_memory_utilization=r.reasoner_gpu_fraction, tensor_parallel_size=r.reasoner_tp,
+                          data_parallel_size=r.reasoner_dp, seed=cfg.train.seed,
+                          start_timeout=r.reasoner_start_timeout, timeout=r.reasoner_timeout, log_dir=out_dir)
+    return build_reasoner_engine(cfg.model.reasoner, r.reasoner_engine, url=r.reasoner_url,
+                                 dtype=getattr(torch, cfg.model.dtype), device=device, timeout=r.reasoner_timeout,
+                                 seed=cfg.train.seed, launch=launch)
 
 
 def build_engines(cfg: Config, policy: Policy, device: torch.device, out_dir: Path) -> Engines:
@@ -300,8 +237,7 @@ def build_engines(cfg: Config, policy: Policy, device: torch.device, out_dir: Pa
     the process's one sleep-mode engine, slept at level 2 between rollouts; the reasoner is a
     server process of its own (vLLM allows one sleep-mode engine per process).
     """
-    reasoner = build_reasoner(cfg, device, out_dir)
-    rtok = reasoner.tokenizer
+    reasoner, rtok = build_reasoner(cfg, device, out_dir)
     scorer = RewardScorer(cfg.rollout.reward, timeout=cfg.rollout.reward_timeout, workers=cfg.rollout.reward_workers)
     if cfg.rollout.engine == "hf":
         return Engines(HFEngine(policy.backend.module(policy.model), policy.tokenizer), reasoner, rtok, scorer)
@@ -413,7 +349,7 @@ def rollout(cfg: Config, step: int, rows, inputs: list[CaptionerInputs], engines
     return Rollout(captions, answers, correct, rewards, adv, n_cut)
 
 
-def reason(cfg: Config, engine, requests: list[GenRequest], sampling: SamplingConfig) -> list[list[GenOutput]]:
+def reason(cfg: Config, engine: Engine, requests: list[GenRequest], sampling: SamplingConfig) -> list[list[GenOutput]]:
     """The reasoner's phase: its server woken (once per node), every rank's requests, slept again.
 
     A failure on any rank (a dead or silent server) fails the step on every rank, so none waits in
@@ -446,49 +382,51 @@ def make_samples(cfg: Config, policy: Policy, inputs: list[CaptionerInputs], ro:
     # the importance weights compare the trainer's log-probs before the update with the engine's
     if updates_per_step > 1 or cfg.loss.is_mode != "off":
         fill_logprobs(policy.backend, policy.model, samples, "old_logp", cfg.rollout.temperature, policy.pad_id,
-                      device, ForwardPlan.from_config(cfg))
+                      device, policy.plan)
     if policy.ref is not None:
         fill_logprobs(policy.backend, policy.ref, samples, "ref_logp", cfg.rollout.temperature, policy.pad_id,
-                      device, ForwardPlan.from_config(cfg))
+                      device, policy.plan)
     return samples
 
 
 def update(cfg: Config, policy: Policy, samples: list[Sample], device: torch.device, updates_per_step: int,
            phases: Phases) -> dict:
-    """The step's optimizer updates, each over a mini-batch of whole groups; metrics over them all.
-
-    Means over the updates, except ratio_min / ratio_max (min / max over them) and grad_norm (mean
-    over the updates that were taken; `skipped` counts the others). This rank's policy throughput:
-    caption tokens per second of forward + loss + backward, and on a GPU the MFU of that time
-    (`metrics.policy_flops`: a lower bound)."""
+    """The step's optimizer updates, each over a mini-batch of whole groups; metrics over them all
+    (`metrics.combine_updates`). This rank's policy throughput: caption tokens per second of forward
+    + loss + backward, and on a GPU the MFU of that time (`metrics.policy_flops`: a lower bound)."""
     per_update = len(samples) // updates_per_step
     results = [policy_update(policy.backend, policy.model, policy.optimizer,
-                             samples[u * per_update:(u + 1) * per_update], cfg, policy.pad_id, device, phases)
+                             samples[u * per_update:(u + 1) * per_update], cfg, policy.pad_id, device, policy.plan,
+                             phases)
                for u in range(updates_per_step)]
     policy.scheduler.step()
-    out = {key: sum(r[key] for r in results) / len(results) for key in results[0]
-           if key not in ("ratio_min", "ratio_max", "grad_norm", "skipped")}
-    if "ratio_min" in results[0]:
-        out["ratio_min"] = min(r["ratio_min"] for r in results)
-        out["ratio_max"] = max(r["ratio_max"] for r in results)
-    taken = [r["grad_norm"] for r in results if not r["skipped"]]
-    out["grad_norm"] = sum(taken) / len(taken) if taken else float("nan")
-    out["skipped"] = float(sum(r["skipped"] for r in results))
-    policy_s = sum(phases.seconds.get(f"policy_{k}_s", 0.0) for k in ("forward", "loss", "backward"))
+    out = combine_updates(results)
+    policy_s = phases.policy_seconds()
     captions = float(sum(len(s.input_ids) - s.prompt_len for s in samples))
     if policy_s > 0:
         out["policy_tokens_per_s"] = captions / policy_s
         peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         if peak:
-            flops = policy_flops(policy.model.model.config.text_config,
-                                 computed_tokens(samples, ForwardPlan.from_config(cfg)), captions)
+            flops = policy_flops(policy.model.model.config.text_config, computed_tokens(samples, policy.plan), captions)
             out["policy_mfu"] = flops / policy_s / (peak * 1e12)
     return out
 
 
-def log_step(step: int, ro: Rollout, upd: dict, phases: Phases, gauges: dict, t0: float, policy: Policy,
-             dataset: RowDataset, scorer: RewardScorer, G: int, device: torch.device) -> dict:
+@dataclass
+class StepRecord:
+    """What one step produced, for its metrics line."""
+    step: int  # 0-based
+    t0: float  # perf_counter at the step's start
+    phases: Phases
+    gauges: dict  # memory gauges (parallel.memory_gauge)
+    rollout: Rollout | None = None
+    update: dict = field(default_factory=dict)
+
+
+def log_step(rec: StepRecord, policy: Policy, dataset: RowDataset, scorer: RewardScorer, device: torch.device) -> dict:
     """The step's metrics, reduced over ranks."""
+    ro = rec.rollout
+    G = len(ro.captions[0])
     cap_lens = [len(c.token_ids) for qs in ro.captions for c in qs]
     rsn_lens = [len(a.token_ids) for outs in ro.answers for a in outs]
     group_std = ro.rewards.view(-1, G).std(dim=1, unbiased=False)
@@ -498,25 +436,25 @@ def log_step(step: int, ro: Rollout, upd: dict, phases: Phases, gauges: dict, t0
         "zero_var_groups": float((group_std == 0).sum()), "n_groups": float(len(group_std)),
         "cap_len_sum": float(sum(cap_lens)), "cap_truncated": float(sum(c.truncated for qs in ro.captions for c in qs)),
         "rsn_len_sum": float(sum(rsn_lens)), "cap_cut": float(ro.n_cut), "tokens": float(sum(cap_lens) + sum(rsn_lens)),
+        "cap_max": float(max(cap_lens)),
     }
-    red = dict(zip(local, dist.all_reduce_sum(list(local.values()))))
-    cap_max = dist.all_reduce_max(float(max(cap_lens)))
-    step_s = time.perf_counter() - t0
+    red = reduce_over_ranks(local, {k: "max" if k == "cap_max" else "sum" for k in local})
+    step_s = time.perf_counter() - rec.t0
     mean_r = red["reward_sum"] / red["n_captions"]
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {
-        "step": step + 1,
+        "step": rec.step + 1,
         "reward_mean": mean_r,
         "reward_std": math.sqrt(max(red["reward_sq"] / red["n_captions"] - mean_r ** 2, 0.0)),
         "accuracy": red["correct_sum"] / red["n_answers"],
         "zero_var_group_frac": red["zero_var_groups"] / red["n_groups"],
-        "caption_len_mean": red["cap_len_sum"] / red["n_captions"], "caption_len_max": cap_max,
+        "caption_len_mean": red["cap_len_sum"] / red["n_captions"], "caption_len_max": red["cap_max"],
         "caption_truncated_frac": red["cap_truncated"] / red["n_captions"],
         "caption_vision_token_cut": red["cap_cut"],
         "reasoner_len_mean": red["rsn_len_sum"] / red["n_answers"],
         "tokens_per_s": red["tokens"] / step_s, "step_s": step_s, "lr": policy.scheduler.get_last_lr()[0],
-        **upd, **phases.seconds, **gauges,
+        **rec.update, **rec.phases.seconds, **rec.gauges,
         "reward_errors": scorer.n_error, "reward_timeouts": scorer.n_timeout,
         "rows_skipped": sum(dataset.skipped.values()), "peak_mem_gb": peak / 2 ** 30,
     }
@@ -567,21 +505,22 @@ def train(cfg: Config) -> dict:
         updates_per_step = cfg.train.questions_per_step // cfg.train.mini_batch
         metrics, history = MetricsLog(cfg, out_dir, start_step), []
         for step in range(start_step, cfg.train.steps):
-            t0, phases, gauges = time.perf_counter(), Phases(), {}
+            rec = StepRecord(step, time.perf_counter(), Phases(), {})
+            phases, gauges = rec.phases, rec.gauges
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             rows, inputs = next_questions(cfg, dataset, stream, policy, q_local)
             moved = policy.backend.offload_optimizer(policy.optimizer, device)
             with phases("sync"):
                 sync_weights(cfg, policy, engines, gauges)
-            ro = rollout(cfg, step, rows, inputs, engines, policy, phases, gauges)
+            rec.rollout = ro = rollout(cfg, step, rows, inputs, engines, policy, phases, gauges)
             parallel.reload_optimizer(moved)
             with phases("logprob"):
                 samples = make_samples(cfg, policy, inputs, ro, device, updates_per_step)
             with phases("train"):
-                upd = update(cfg, policy, samples, device, updates_per_step, phases)
+                rec.update = update(cfg, policy, samples, device, updates_per_step, phases)
             parallel.memory_gauge("step", gauges)
-            m = log_step(step, ro, upd, phases, gauges, t0, policy, dataset, engines.scorer, cfg.rollout.group_size, device)
+            m = log_step(rec, policy, dataset, engines.scorer, device)
             why = collapse_signal(history + [m])
             if why and not (history and history[-1]["collapse"]):
                 log.warning("step %d: the policy looks like it is collapsing: %s", step + 1, why)
@@ -607,5 +546,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from racro_fast.cli import run_main
+    from racro_fast.config import run_main
     raise SystemExit(run_main(main))

@@ -3,6 +3,10 @@
 Skip markers: `@pytest.mark.requires_cuda` and `@pytest.mark.requires_vllm` (also importable
 as `requires_cuda` / `requires_vllm` from this module). vLLM is imported only when a test
 that needs it runs, since the import alone takes seconds.
+
+`@pytest.mark.slow`: what `make test-fast` (-m "not slow") leaves out and `make test` runs: the demo
+run, the fresh set-up, the 2-rank runs, compile reports, the benchmark smoke runs, and every vLLM
+test (each starts an engine or a server: tens of seconds).
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ def _vllm_import_error() -> str | None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "requires_cuda: skip unless a CUDA device is available")
     config.addinivalue_line("markers", "requires_vllm: skip unless `import vllm` succeeds")
+    config.addinivalue_line("markers", "slow: left out of `make test-fast`; `make test` runs it")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("requires_vllm"):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -98,7 +109,7 @@ def reasoner_server(tiny_reasoner_dir: Path, tmp_path_factory: pytest.TempPathFa
     starts it (about a minute to come up on 2 cores); stopped at the end of the session."""
     import socket
 
-    from racro_fast.engines import ReasonerServer
+    from racro_fast.reasoner import ReasonerServer
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -92,7 +92,8 @@ def update_in_process(captioner: str, uneven: bool = False) -> dict:
     if uneven:
         fill_logprobs(backend, model, samples, "old_logp", 1.0, tok.pad_token_id, torch.device("cpu"),
                       ForwardPlan.from_config(cfg))
-    out = policy_update(backend, model, opt, samples, cfg, tok.pad_token_id, torch.device("cpu"))
+    out = policy_update(backend, model, opt, samples, cfg, tok.pad_token_id, torch.device("cpu"),
+                        ForwardPlan.from_config(cfg))
     return {"loss": out["loss"], "grad_norm": out["grad_norm"], "old_logp": [s.old_logp for s in samples],
             "weights": {k: v.clone() for k, v in backend.full_state_items(model)}}
 
@@ -127,7 +128,8 @@ def run_update(captioner: str, out_path: str, backend: str, ds_config: str = "",
     if uneven:
         fill_logprobs(wrapper, model, mine, "old_logp", 1.0, tok.pad_token_id, torch.device("cpu"),
                       ForwardPlan.from_config(cfg))
-    out = policy_update(wrapper, model, opt, mine, cfg, tok.pad_token_id, torch.device("cpu"))
+    out = policy_update(wrapper, model, opt, mine, cfg, tok.pad_token_id, torch.device("cpu"),
+                        ForwardPlan.from_config(cfg))
     loss = out["loss"]  # policy_update reports the loss summed over ranks (each rank's share of the global loss)
     weights = {k: v.clone() for k, v in wrapper.full_state_items(model)}
     old_logp = [lp for part in dist.all_gather_object([s.old_logp for s in mine]) for lp in part]

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import requires_vllm
+
+pytestmark = pytest.mark.slow  # a benchmark smoke run
 
 ROOT = Path(__file__).resolve().parent.parent
 

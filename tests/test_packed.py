@@ -250,7 +250,7 @@ def test_update_is_the_same_whatever_the_micro_batches(tiny_captioner_dir, tiny,
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_captioner_dir), dtype=torch.float32).train()
         samples = make_samples(tok, proc, [1, 2, 1], G=3, seed=5)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        out = policy_update(Single(cfg), model, opt, samples, cfg, tok.pad_token_id, CPU)
+        out = policy_update(Single(cfg), model, opt, samples, cfg, tok.pad_token_id, CPU, ForwardPlan.from_config(cfg))
         results.append((out, {k: v.clone() for k, v in model.state_dict().items()}))
     (a, wa), (b, wb) = results
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)

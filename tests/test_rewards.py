@@ -5,9 +5,9 @@ import time
 
 import pytest
 
+from racro_fast.reward_pool import RewardScorer
 from racro_fast.rewards import (
     REWARD_FUNCS,
-    RewardScorer,
     _math_equal,
     boxed_choice,
     boxed_math,

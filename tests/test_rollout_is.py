@@ -11,7 +11,7 @@ import torch
 from conftest import assert_close
 
 from racro_fast.kernels import GRPOLossConfig, grpo_loss
-from racro_fast.kernels.reference import rollout_is_weights
+from racro_fast.kernels.grpo_terms import rollout_is_weights
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="no Triton backend here"))]

@@ -20,6 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from racro_fast.demo import cache_root
+
+pytestmark = pytest.mark.slow  # a fresh set-up and demo from a clone
+
 ROOT = Path(__file__).resolve().parent.parent
 DEBIAN_PY = "/usr/bin/python3"
 
@@ -56,7 +60,10 @@ def test_make_demo_from_a_fresh_clone(tmp_path):
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV", "PYTHON"))}
     env.update(HOME=str(home), PIP_CONFIG_FILE=os.devnull, PY=DEBIAN_PY,
-               TORCH_INDEX_URL=(tmp_path / "torch-index").as_uri(), RACRO_FAST_CACHE=str(home / "cache"))
+               TORCH_INDEX_URL=(tmp_path / "torch-index").as_uri(),
+               # the demo models are data, not set-up: the ones this test session built (test_demo) are
+               # reused, so that a CI run builds them once
+               RACRO_FAST_CACHE=str(cache_root()))
     if "PIP_CERT" in os.environ:
         env["PIP_CERT"] = os.environ["PIP_CERT"]
     env["PATH"] = ":".join(p for p in env.get("PATH", "").split(":") if "pyenv" not in p and ".venv" not in p)

@@ -14,8 +14,10 @@ from racro_fast.config import load_config
 from racro_fast.data import RowDataset
 from racro_fast.synth import make_rows
 from racro_fast.parallel import Single
+from racro_fast.forward import ForwardPlan
 from racro_fast.train import Sample, cut_at_vision_tokens, policy_update, train
 
+CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -105,7 +107,7 @@ def test_non_finite_loss_skips_the_step(tiny_captioner_dir):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     with pytest.warns(UserWarning, match="non-finite"):
-        out = policy_update(Single(cfg), model, opt, samples, cfg, tok.pad_token_id, torch.device("cpu"))
+        out = policy_update(Single(cfg), model, opt, samples, cfg, tok.pad_token_id, CPU, ForwardPlan.from_config(cfg))
     assert out["skipped"] == 1.0
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert not changed, f"a skipped step changed weights: {changed[:3]}"
@@ -117,7 +119,7 @@ def test_update_with_an_empty_caption(tiny_captioner_dir):
     model, tok, samples = _model_and_samples(tiny_captioner_dir, [1.0, -1.0, 0.5], empty_first=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    out = policy_update(Single(cfg), model, opt, samples, cfg, tok.pad_token_id, torch.device("cpu"))
+    out = policy_update(Single(cfg), model, opt, samples, cfg, tok.pad_token_id, CPU, ForwardPlan.from_config(cfg))
     assert out["skipped"] == 0.0 and math.isfinite(out["loss"]), out
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -130,7 +132,7 @@ def test_update_with_only_empty_captions(tiny_captioner_dir):
     samples[1].input_ids = samples[1].input_ids[:samples[1].prompt_len]
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = policy_update(Single(cfg), model, opt, samples, cfg, tok.pad_token_id, torch.device("cpu"))
+    out = policy_update(Single(cfg), model, opt, samples, cfg, tok.pad_token_id, CPU, ForwardPlan.from_config(cfg))
     assert out["skipped"] == 0.0 and out["loss"] == 0.0 and out["grad_norm"] == 0.0, out
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -166,7 +168,7 @@ def test_min_caption_tokens_floor(tmp_path, monkeypatch, tiny_captioner_dir, tin
     """Captions shorter than train.min_caption_tokens score 0 whatever their answers. Every answer is
     graded correct here (the grader is not what is tested), so the reward is 1 without the floor and
     0 with a floor above the caption budget (6 tokens); the collapse metric is logged every step."""
-    from racro_fast.rewards import RewardScorer
+    from racro_fast.reward_pool import RewardScorer
     monkeypatch.setattr(RewardScorer, "score", lambda self, completions, answers: [1.0] * len(completions))
     rewards = {}
     for floor in (0, 7):
