@@ -23,6 +23,12 @@ import yaml
 from racro_fast.kernels import GRPOLossConfig
 
 
+# seconds a collective's timeout must exceed the longest wait it covers: the slack for the rank that
+# finishes last to reach the collective after its own deadline (a reasoner error waits up to 5 s to
+# tell a dying server from a slow one)
+COLLECTIVE_MARGIN_S = 10.0
+
+
 class ConfigError(ValueError):
     """A bad configuration value; the message starts with the field's dotted name."""
 
@@ -82,8 +88,13 @@ class RolloutConfig:
     reasoner_engine: Literal["server", "hf"] = "server"
     reasoner_url: str = ""  # an already-running reasoner service (e.g. http://host:8000); no sleep calls
     reasoner_port: int = 8765  # of the server the trainer starts on each node
-    reasoner_timeout: float = 600.0  # seconds for one reasoner request before the step fails
-    reasoner_start_timeout: float = 1800.0  # seconds for the server to load the reasoner
+    # seconds the reasoner phase of a step may take, all its requests together (one deadline for the
+    # phase, not a timeout per socket read); past it the step fails on every rank
+    reasoner_timeout: float = 600.0
+    reasoner_start_timeout: float = 1800.0  # seconds for the server to load the reasoner (hub download, compile)
+    # requests a rank keeps in flight to the reasoner; 0: what the node's server holds in its KV cache
+    # (parallel.memory_plan's reasoner_sequences) shared by the node's ranks, or 64 without a GPU
+    reasoner_max_inflight: int = 0
     group_size: int = 4  # G captions per question (paper: 4)
     temperature: float = 1.0  # captioner sampling temperature; the loss uses the same one
     top_p: float = 1.0
@@ -143,6 +154,10 @@ class DistConfig:
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     offload_optimizer: bool = True  # optimizer state to pinned CPU memory while engines generate
     weight_bucket_mb: int = 512  # size of the buckets gathered and pushed to the captioner engine
+    # seconds a rank may wait in a collective before the run fails (NCCL's watchdog; gloo's timeout);
+    # must cover the longest rank skew of a phase: the reasoner phase (rollout.reasoner_timeout). A
+    # reasoner server's cold start (rollout.reasoner_start_timeout) is waited for on a group of its own
+    timeout_s: float = 1800.0
 
 
 @dataclass
@@ -252,6 +267,12 @@ def validate(cfg: Config) -> Config:
     need(r.reward_workers >= 1, "rollout.reward_workers", "must be >= 1")
     need(r.reasoner_timeout > 0, "rollout.reasoner_timeout", "must be > 0")
     need(r.reasoner_start_timeout > 0, "rollout.reasoner_start_timeout", "must be > 0")
+    need(r.reasoner_max_inflight >= 0, "rollout.reasoner_max_inflight", "must be >= 0 (0: derived)")
+    need(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0")
+    # the other ranks wait in a collective while one finishes its reasoner requests, up to the phase's deadline
+    need(cfg.dist.timeout_s >= r.reasoner_timeout + COLLECTIVE_MARGIN_S, "dist.timeout_s",
+         f"{cfg.dist.timeout_s:g} s does not cover the reasoner phase a rank may wait for in a collective: "
+         f"rollout.reasoner_timeout={r.reasoner_timeout:g} s + {COLLECTIVE_MARGIN_S:g} s")
     need(r.reasoner_tp >= 1, "rollout.reasoner_tp", "must be >= 1")
     need(r.reasoner_dp >= 0, "rollout.reasoner_dp", "must be >= 0 (0: the node's GPUs / rollout.reasoner_tp)")
     need(0 < r.reasoner_port < 65536, "rollout.reasoner_port", "must be a TCP port")

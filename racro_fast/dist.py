@@ -3,11 +3,19 @@
 Everything here also works in one plain process (world size 1, no process group), which is how
 the CPU demo and most tests run: the collectives then return their input.
 
-    dist.init()                                   # under torchrun: nccl on GPU, gloo on CPU
+    dist.init(timeout_s=1800)                     # under torchrun: nccl on GPU, gloo on CPU
     n_tokens, n_seqs = dist.all_reduce_sum([n_tokens, n_seqs])
+    answers = dist.fail_together("reasoner phase", engine.generate, requests, sampling)
+
+Time: a rank waits in a collective at most the group's timeout (dist.timeout_s: NCCL's watchdog,
+gloo's own timeout), after which the run fails. A wait known to be longer (a reasoner server's cold
+start) goes on `side_group(timeout_s)`, a gloo group of its own timeout, so the main group's timeout
+only has to cover the rank skew of one phase. A phase that raises on one rank fails every rank
+through `fail_together`, so none is left waiting in the next collective.
 """
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -16,14 +24,43 @@ import torch.distributed as tdist
 from racro_fast.config import ConfigError
 
 
-def init() -> None:
+class PhaseError(RuntimeError):
+    """A phase failed on another rank; this rank stops with it."""
+
+
+def init(timeout_s: float | None = None) -> None:
     """A process group under torchrun (any world size, so `--nproc_per_node 1` runs the sharded path
-    too); nothing in a plain process."""
+    too); nothing in a plain process. `timeout_s`: how long a rank may wait in a collective (None:
+    torch's default, 10 minutes for NCCL)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not tdist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank())
-        tdist.init_process_group(backend)
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+        tdist.init_process_group(backend, timeout=timeout)
+
+
+def side_group(timeout_s: float):
+    """A gloo group of every rank with its own timeout, for a wait longer than the main group's
+    (every rank must call it, as for any new group); None in a plain process."""
+    if not is_dist():
+        return None
+    return tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def fail_together(what: str, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` on every rank; if it raises on any rank, it raises on every rank (this
+    rank's own error, or PhaseError naming `what`), after one scalar all-reduce. `fn` itself must not
+    run collectives: a rank that raised would leave the others waiting in them."""
+    try:
+        out, error = fn(*args, **kwargs), None
+    except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
+        out, error = None, e
+    if all_reduce_sum([0.0 if error is None else 1.0])[0]:
+        if error is not None:
+            raise error
+        raise PhaseError(f"{what} failed on another rank (its own error is in that rank's log)")
+    return out
 
 
 def is_dist() -> bool:
@@ -36,6 +73,11 @@ def rank() -> int:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def local_world_size() -> int:
+    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def world_size() -> int:
@@ -56,17 +98,18 @@ def device(kind: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def _reduce(values: list[float], op) -> list[float]:
+def _reduce(values: list[float], op, group=None) -> list[float]:
     if not is_dist():
         return list(values)
-    dev = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+    nccl = tdist.get_backend(group) == "nccl"
+    dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     t = torch.tensor(values, dtype=torch.float64, device=dev)
-    tdist.all_reduce(t, op=op)
+    tdist.all_reduce(t, op=op, group=group)
     return t.tolist()
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    return _reduce(values, tdist.ReduceOp.SUM if is_dist() else None)
+def all_reduce_sum(values: list[float], group=None) -> list[float]:
+    return _reduce(values, tdist.ReduceOp.SUM if is_dist() else None, group)
 
 
 def all_reduce_max(value: float) -> float:

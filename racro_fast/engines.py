@@ -48,6 +48,11 @@ from racro_fast.prompts import mm_token_types
 log = logging.getLogger(__name__)
 
 
+# What a captioner engine accepts in one prompt: vLLM profiles memory for this many images, and no
+# video (the default would profile for one); a row with more images is skipped before generation.
+MM_LIMITS = {"image": 8, "video": 0}
+
+
 @dataclass
 class GenRequest:
     """One prompt. HF wants the image pads expanded; vLLM wants one pad per image and expands itself."""
@@ -76,6 +81,7 @@ class SamplingConfig:
     top_p: float = 1.0
     max_tokens: int = 256  # new tokens per sample
     seed: int | None = None  # None: draw from the global RNG
+    logprobs: bool = True  # the sampled tokens' log-probs (False: the engine may leave GenOutput.logprobs empty)
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -333,6 +339,13 @@ class HFEngine:
         """Nothing to stop: the model belongs to the trainer."""
 
 
+@dataclass
+class Pushed:
+    """What a weight push moved: reload_weights calls and bytes (in the engine's dtype)."""
+    buckets: int = 0
+    bytes: int = 0
+
+
 def _layer_key(name: str) -> str:
     # A transformer block's tensors (q/k/v, gate/up) are fused into shared vLLM parameters;
     # reload_weights rebuilds a layer only from all of its tensors, so a bucket never splits a block.
@@ -425,6 +438,7 @@ class VLLMEngine:
             **kwargs,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.dtype: torch.dtype = self.llm.llm_engine.model_config.dtype  # what its weights are held in
 
     def generate(self, requests: list[GenRequest], sampling: SamplingConfig) -> list[list[GenOutput]]:
         from vllm import SamplingParams
@@ -445,7 +459,7 @@ class VLLMEngine:
                     top_p=sampling.top_p,
                     max_tokens=sampling.max_tokens,
                     seed=None if sampling.seed is None else sampling.seed + i * sampling.n,
-                    logprobs=0,  # the sampled token's log-prob only
+                    logprobs=0 if sampling.logprobs else None,  # the sampled token's log-prob only
                     detokenize=False,
                 )
             )
@@ -456,7 +470,7 @@ class VLLMEngine:
         ids = list(c.token_ids)
         return GenOutput(
             token_ids=ids,
-            logprobs=[lp[t].logprob for t, lp in zip(ids, c.logprobs)],
+            logprobs=[lp[t].logprob for t, lp in zip(ids, c.logprobs)] if c.logprobs is not None else [],
             text=self.tokenizer.decode(ids, skip_special_tokens=True),
             truncated=c.finish_reason == "length",
         )
@@ -495,8 +509,9 @@ class VLLMEngine:
         if self.contract is not None:
             self.contract.release()
 
-    def push_weights(self, named_tensors: Iterable[tuple[str, Tensor]], bucket_mb: int) -> int:
-        """Push HF-named weights in buckets of about bucket_mb MiB of whole layers; returns the bucket count.
+    def push_weights(self, named_tensors: Iterable[tuple[str, Tensor]], bucket_mb: int) -> Pushed:
+        """Push HF-named weights in buckets of about bucket_mb MiB of whole layers, each tensor cast to
+        the engine's dtype first (the trainer's fp32 masters would move twice the bytes of bf16 weights).
 
         Each bucket is one `reload_weights` call, so only one bucket need be materialised at a
         time (named_tensors may be a lazy generator, e.g. gathering shards). vLLM rebuilds a layer
@@ -512,20 +527,22 @@ class VLLMEngine:
         levels = [q.level for q in quiet]
         for q in quiet:
             q.setLevel(logging.ERROR)
+        pushed = Pushed()
+        cast = ((name, t.to(self.dtype) if t.is_floating_point() else t) for name, t in named_tensors)
         try:
-            count = 0
-            for bucket in _buckets(named_tensors, bucket_mb):
+            for bucket in _buckets(cast, bucket_mb):
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(bucket)})
-                count += 1
+                pushed.buckets += 1
+                pushed.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
         finally:
             for q, level in zip(quiet, levels):
                 q.setLevel(level)
         self.reset_caches()
-        return count
+        return pushed
 
 
-def push_weights(engine, named_tensors: Iterable[tuple[str, Tensor]], bucket_mb: int) -> int:
-    """The trainer's full weights into a rollout engine; returns the number of buckets pushed.
+def push_weights(engine, named_tensors: Iterable[tuple[str, Tensor]], bucket_mb: int) -> Pushed:
+    """The trainer's full weights into a rollout engine; returns the buckets and bytes pushed.
 
     vLLM: buckets of whole layers, so a rank holds one gathered bucket at a time (`named_tensors`
     may gather shards lazily; every rank then consumes it to the end). HF: the engine shares the
@@ -533,7 +550,7 @@ def push_weights(engine, named_tensors: Iterable[tuple[str, Tensor]], bucket_mb:
     """
     if isinstance(engine, VLLMEngine):
         return engine.push_weights(named_tensors, bucket_mb)
-    return 0
+    return Pushed()
 
 
 def standalone_vllm(path: str, max_len: int, seed: int, **kw) -> VLLMEngine:

@@ -448,6 +448,14 @@ def make_backend(cfg) -> Single:
 
 GIB = 2 ** 30
 ENGINE_OVERHEAD = 2 * GIB  # activations of one forward, CUDA graphs and allocator slack of a vLLM engine
+# What a sleeping vLLM engine still holds on each of its GPUs: sleep frees only the memory it tagged
+# (weights, kv_cache); its CUDA context, CUDA-graph pool (unless enforce_eager), NCCL and custom
+# all-reduce buffers stay. Counted as an awake engine's whole overhead, an upper bound.
+ENGINE_ASLEEP = ENGINE_OVERHEAD
+CUDA_CONTEXT = GIB // 2  # a process's CUDA context on a GPU, outside every allocator
+# tokens a reasoner request holds in the KV cache besides its answer: the reasoner prompt's question
+# and instructions (its caption counts rollout.max_caption_tokens)
+REASONER_PROMPT_TOKENS = 512
 
 
 @dataclass
@@ -486,27 +494,65 @@ class ModelSize:
 
 
 def memory_plan(cfg, backend: Single, captioner: ModelSize, reasoner: ModelSize | None, total: float) -> dict:
-    """GPU bytes per device in each phase of a step, and what each vLLM engine needs of its fraction.
+    """GPU bytes per device at each engine start and in each phase of a step, what each vLLM engine
+    needs of its fraction, and how many reasoner requests the node's server holds at once.
 
-    The engines are never awake together (sleep mode), so each phase holds the trainer's resident
-    state next to one engine: captions (captioner awake), answers (the node's reasoner server awake,
-    counted on every GPU it spans), update (gradients and optimizer state back, engines asleep).
-    `reasoner` is None when it does not share these GPUs (rollout.reasoner_url, or the HF engine).
+    Start-up, in train's order: the reasoner server starts beside the trainer's parameters and
+    reference (the caching allocator emptied first, on every rank), then sleeps; the captioner engine
+    starts beside those and the sleeping server. vLLM refuses to start an engine when the device's
+    free memory is below its gpu_memory_utilization x total: `*_start` is what the device holds then,
+    besides the engine. The engines are never awake together (sleep mode), so each phase holds the
+    trainer's resident state next to one awake engine and the other asleep (ENGINE_ASLEEP): captions
+    (captioner awake), answers (the node's reasoner server awake, counted on every GPU it spans),
+    update (gradients and optimizer state back, both engines asleep). `reasoner` is None when it
+    does not share these GPUs (rollout.reasoner_url, or the HF engine).
     """
     r = cfg.rollout
     trainer = backend.memory(captioner, with_ref=cfg.loss.kl_coef > 0)
+    at_start = trainer["params"] + trainer["ref"] + CUDA_CONTEXT  # no optimizer state before the first step
     resident = trainer["params"] + trainer["ref"] + (0.0 if cfg.dist.offload_optimizer else trainer["optimizer"])
+    resident += CUDA_CONTEXT
+    reasoner_asleep = ENGINE_ASLEEP if reasoner is not None else 0.0
     plan = {
         "trainer": trainer,
-        "captions": resident + r.captioner_gpu_fraction * total,
-        "answers": resident + (r.reasoner_gpu_fraction * total if reasoner is not None else 0.0),
-        "update": sum(trainer.values()),
+        "reasoner_start": at_start if reasoner is not None else 0.0,
+        "captioner_start": at_start + reasoner_asleep,
+        "captions": resident + r.captioner_gpu_fraction * total + reasoner_asleep,
+        "answers": resident + (r.reasoner_gpu_fraction * total if reasoner is not None else 0.0) + ENGINE_ASLEEP,
+        "update": sum(trainer.values()) + CUDA_CONTEXT + ENGINE_ASLEEP + reasoner_asleep,
         # the captioner engine holds a full bf16 copy per rank, the reasoner 1/tp of one per GPU
         "captioner_engine_need": captioner.params * 2 + captioner.kv_bytes_per_token * r.max_model_len + ENGINE_OVERHEAD,
         "reasoner_engine_need": (reasoner.params * 2 + reasoner.kv_bytes_per_token * r.max_model_len) / r.reasoner_tp
         + ENGINE_OVERHEAD if reasoner is not None else 0.0,
+        "reasoner_sequences": 0,
     }
+    if reasoner is not None:
+        plan["reasoner_sequences"] = reasoner_sequences(cfg, reasoner, total)
     return plan
+
+
+def reasoner_replicas(cfg, gpus_per_node: int) -> int:
+    return cfg.rollout.reasoner_dp or max(1, gpus_per_node // cfg.rollout.reasoner_tp)
+
+
+def reasoner_sequences(cfg, reasoner: ModelSize, total: float, gpus_per_node: int = 8) -> int:
+    """Requests of a step's longest shape (a caption of rollout.max_caption_tokens, the prompt, an
+    answer of rollout.max_reasoner_tokens, at most rollout.max_model_len) that the node's reasoner
+    server holds in its KV caches at once: more only wait in its queue. At least one per replica once
+    the engine-need rule of `check_memory_plan` holds (it counts one request of max_model_len). Per replica: its fraction of tp GPUs, less the weights and the
+    overhead, over the KV bytes of one such request (its layers split over the tp GPUs)."""
+    r = cfg.rollout
+    per_gpu = r.reasoner_gpu_fraction * total - reasoner.params * 2 / r.reasoner_tp - ENGINE_OVERHEAD
+    tokens = min(r.max_model_len, r.max_caption_tokens + REASONER_PROMPT_TOKENS + r.max_reasoner_tokens)
+    per_request = reasoner.kv_bytes_per_token * tokens / r.reasoner_tp
+    return max(0, int(per_gpu // per_request)) * reasoner_replicas(cfg, gpus_per_node)
+
+
+def inflight_per_rank(cfg, sequences: int, ranks_per_node: int) -> int:
+    """rollout.reasoner_max_inflight, or the node server's sequences shared by the node's ranks."""
+    if cfg.rollout.reasoner_max_inflight:
+        return cfg.rollout.reasoner_max_inflight
+    return max(1, sequences // max(1, ranks_per_node))
 
 
 def check_memory_plan(cfg, plan: dict, total: float) -> None:
@@ -518,15 +564,20 @@ def check_memory_plan(cfg, plan: dict, total: float) -> None:
         if not ok:
             raise ConfigError(f"{field}: {msg} (trainer per rank: {detail} GiB; device {total / GIB:.0f} GiB)")
 
-    engines = ("captioner", "reasoner") if plan["reasoner_engine_need"] else ("captioner",)
+    engines = ("reasoner", "captioner") if plan["reasoner_engine_need"] else ("captioner",)
     for engine in engines:
         want, frac = plan[f"{engine}_engine_need"], getattr(r, f"{engine}_gpu_fraction")
         need(want <= frac * total, f"rollout.{engine}_gpu_fraction",
              f"{frac} x {total / GIB:.0f} GiB = {frac * total / GIB:.1f} GiB; the {engine} engine needs about "
              f"{want / GIB:.1f} GiB (weights, KV cache for rollout.max_model_len={r.max_model_len}, overhead)")
+        # vLLM's own start-up check: free device memory >= gpu_memory_utilization x total
+        held = plan[f"{engine}_start"]
+        need(held + frac * total <= total, f"rollout.{engine}_gpu_fraction",
+             f"the {engine} engine starts with {held / GIB:.1f} GiB of the device held (trainer, sleeping "
+             f"engines); vLLM needs {frac} x {total / GIB:.0f} GiB free then, {(total - held) / GIB:.1f} GiB are")
     need(plan["captions"] <= 0.95 * total, "rollout.captioner_gpu_fraction",
-         f"captions phase: trainer {(plan['captions'] - r.captioner_gpu_fraction * total) / GIB:.1f} GiB + captioner "
-         f"{r.captioner_gpu_fraction * total / GIB:.1f} GiB > 95% of the device")
+         f"captions phase: trainer and sleeping reasoner {(plan['captions'] - r.captioner_gpu_fraction * total) / GIB:.1f}"
+         f" GiB + captioner {r.captioner_gpu_fraction * total / GIB:.1f} GiB > 95% of the device")
     need(plan["answers"] <= 0.95 * total, "rollout.reasoner_gpu_fraction",
          f"answers phase needs {plan['answers'] / GIB:.1f} GiB > 95% of the device")
     need(plan["update"] <= 0.9 * total, "dist.backend",
@@ -543,8 +594,10 @@ def check_memory(backend: Single, model, cfg, dev: torch.device) -> dict | None:
     reasoner = ModelSize.from_config(cfg.model.reasoner) if shares else None
     plan = memory_plan(cfg, backend, ModelSize.of(backend.module(model)), reasoner, total)
     check_memory_plan(cfg, plan, total)
-    log.info("memory plan per GPU (GiB): captions %.1f, answers %.1f, update %.1f of %.1f",
-             plan["captions"] / GIB, plan["answers"] / GIB, plan["update"] / GIB, total / GIB)
+    log.info("memory plan per GPU (GiB): reasoner start %.1f, captioner start %.1f, captions %.1f, answers %.1f, "
+             "update %.1f of %.1f; the node's reasoner holds %d requests", plan["reasoner_start"] / GIB,
+             plan["captioner_start"] / GIB, plan["captions"] / GIB, plan["answers"] / GIB, plan["update"] / GIB,
+             total / GIB, plan["reasoner_sequences"])
     return plan
 
 

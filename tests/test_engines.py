@@ -264,7 +264,7 @@ def test_vllm_push_weights_after_adam(vllm_engine, tiny_reasoner_dir, reasoner_t
     sampling = SamplingConfig(n=2, temperature=0.8, max_tokens=12, seed=1)
     for push, bucket_mb in (("one bucket", 1024), ("bucketed", 1)):
         adam_steps(model, text_requests[0].prompt_ids)
-        buckets = vllm_engine.push_weights(model.named_parameters(), bucket_mb=bucket_mb)
+        buckets = vllm_engine.push_weights(model.named_parameters(), bucket_mb=bucket_mb).buckets
         assert buckets == 1 if bucket_mb == 1024 else buckets >= 2, \
             f"the 1.4 MiB reasoner in {bucket_mb} MiB buckets went in {buckets} bucket(s)"
         outs = vllm_engine.generate(text_requests, sampling)
@@ -334,6 +334,62 @@ def test_server_seeded_requests_beyond_one_prefill_step(reasoner_server, reasone
     outs = engine.generate(requests, SamplingConfig(n=1, temperature=1.0, max_tokens=4, seed=0))
     assert len(outs) == 48 and all(len(s[0].token_ids) > 0 for s in outs)
     reasoner_server.check_alive()
+
+
+@pytest.mark.requires_vllm
+def test_server_requests_share_one_deadline(reasoner_server, reasoner_tok) -> None:
+    """A generate call's requests share one deadline (rollout.reasoner_timeout is the phase's, not a
+    socket read's): 2 in flight at a time, the later ones are sent with the time left. A phase
+    longer than its deadline fails at the deadline with one clear line. Log-probs nobody reads are
+    not asked for."""
+    import time
+
+    from racro_fast.reasoner import ReasonerError, ServerEngine
+    requests = long_requests(reasoner_tok, 16, 64)
+    sampling = SamplingConfig(n=1, temperature=1.0, max_tokens=48, seed=0, logprobs=False)
+    t0 = time.monotonic()
+    outs = ServerEngine(reasoner_server.url, reasoner_tok, timeout=120, concurrency=2).generate(requests, sampling)
+    phase = time.monotonic() - t0
+    assert len(outs) == 16 and all(len(s[0].token_ids) > 0 and s[0].logprobs == [] for s in outs)
+    deadline = phase / 10
+    short = ServerEngine(reasoner_server.url, reasoner_tok, timeout=deadline, concurrency=2)
+    t0 = time.monotonic()
+    with pytest.raises(ReasonerError, match=r"of 16 requests unanswered at the phase's deadline .*rollout.reasoner_timeout"):
+        short.generate(requests, sampling)
+    assert time.monotonic() - t0 < deadline + 2.0, "the call outlived its deadline"
+    reasoner_server.check_alive()
+
+
+@pytest.mark.requires_vllm
+def test_weights_are_pushed_in_the_engine_dtype(tiny_reasoner_dir) -> None:
+    """The trainer's fp32 masters go into a bf16 engine as bf16: half the bytes, and the engine then
+    serves them. (Its own process: vLLM takes one engine per process here.)"""
+    code = f"""
+import json, torch
+from transformers import AutoModelForCausalLM
+from racro_fast.engines import GenRequest, SamplingConfig, VLLMEngine
+engine = VLLMEngine({str(tiny_reasoner_dir)!r}, dtype="bfloat16", max_model_len=256, kv_cache_memory_bytes=64 << 20,
+                    enable_sleep_mode=False)
+model = AutoModelForCausalLM.from_pretrained({str(tiny_reasoner_dir)!r}, dtype=torch.float32)
+with torch.no_grad():
+    for p in model.parameters():
+        p.mul_(1.01)
+pushed = engine.push_weights(model.named_parameters(), bucket_mb=1)
+out = engine.generate([GenRequest(prompt_ids=[1, 2, 3])], SamplingConfig(temperature=0.0, max_tokens=4))
+print(json.dumps({{"bytes": pushed.bytes, "buckets": pushed.buckets, "dtype": str(engine.dtype),
+                  "params": sum(p.numel() for p in model.parameters()), "tokens": len(out[0][0].token_ids)}}))
+"""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["dtype"] == "torch.bfloat16", got
+    assert got["bytes"] == 2 * got["params"], f"{got['bytes']} bytes pushed for {got['params']} parameters: not bf16"
+    assert got["buckets"] >= 1 and got["tokens"] > 0, got
 
 
 @pytest.mark.requires_vllm

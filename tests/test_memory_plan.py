@@ -61,3 +61,38 @@ def test_one_gpu_cannot_train_a_7b_captioner(monkeypatch):
     cfg, plan = plan_for(path, 1, monkeypatch, "dist.offload_optimizer=false")
     with pytest.raises(ConfigError, match=r"^rollout.captioner_gpu_fraction: captions phase|^dist.backend"):
         parallel.check_memory_plan(cfg, plan, H100)
+
+
+def test_engine_starts_and_sleeping_engines_are_counted(monkeypatch):
+    """At each engine start the device already holds the trainer's parameters and reference (and the
+    sleeping reasoner, for the captioner); a sleeping engine keeps its context, graphs and buffers in
+    every phase."""
+    cfg, plan = plan_for(ROOT / "configs" / "qwen25vl_7b_r1_7b.yaml", 8, monkeypatch)
+    t = plan["trainer"]
+    held = t["params"] + t["ref"] + parallel.CUDA_CONTEXT
+    assert plan["reasoner_start"] == pytest.approx(held)
+    assert plan["captioner_start"] == pytest.approx(held + parallel.ENGINE_ASLEEP)
+    assert plan["update"] == pytest.approx(sum(t.values()) + parallel.CUDA_CONTEXT + 2 * parallel.ENGINE_ASLEEP)
+
+
+def test_vllm_start_check_refuses_a_fraction_the_held_memory_leaves_no_room_for(monkeypatch):
+    """vLLM starts an engine only when free memory >= gpu_memory_utilization x total: 0.95 of the
+    device cannot be free while the trainer holds its share."""
+    cfg, plan = plan_for(ROOT / "configs" / "qwen25vl_7b_r1_7b.yaml", 8, monkeypatch, "rollout.reasoner_gpu_fraction=0.95")
+    with pytest.raises(ConfigError, match=r"^rollout.reasoner_gpu_fraction: the reasoner engine starts with "):
+        parallel.check_memory_plan(cfg, plan, H100)
+
+
+def test_reasoner_requests_in_flight_follow_its_kv_cache(monkeypatch):
+    """32B at TP4 x DP2 in 0.45 of 80 GB: each GPU keeps 36 GB - 16.4 GB of weights - overhead for KV
+    cache; one request of 8192 + 512 + 8192 tokens, capped at rollout.max_model_len (16384), holds 64
+    layers x 8 KV heads x 128 x 2 x 2 bytes a token over 4 GPUs. The cap per rank is the node's count
+    over its 8 ranks, or the setting."""
+    cfg, plan = plan_for(ROOT / "configs" / "qwen25vl_7b_r1_32b_tp4.yaml", 8, monkeypatch)
+    size = parallel.ModelSize.from_config(SIZES / "DeepSeek-R1-Distill-Qwen-32B")
+    per_gpu = 0.45 * H100 - size.params * 2 / 4 - parallel.ENGINE_OVERHEAD
+    per_request = 64 * 8 * 128 * 2 * 2 * min(16384, 8192 + 512 + 8192) / 4
+    assert plan["reasoner_sequences"] == int(per_gpu // per_request) * 2 > 0
+    assert parallel.inflight_per_rank(cfg, plan["reasoner_sequences"], 8) == max(1, plan["reasoner_sequences"] // 8)
+    cfg, _ = plan_for(ROOT / "configs" / "qwen25vl_7b_r1_32b_tp4.yaml", 8, monkeypatch, "rollout.reasoner_max_inflight=3")
+    assert parallel.inflight_per_rank(cfg, plan["reasoner_sequences"], 8) == 3

@@ -84,6 +84,22 @@ def test_overlong_prompts_are_skipped(tmp_path, tiny_captioner_dir, tiny_reasone
     assert result["skipped"].get("too_long", 0) >= 1, result["skipped"]
 
 
+def test_rows_with_more_images_than_the_engine_takes_are_skipped(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
+    """vLLM rejects a prompt with more images than limit_mm_per_prompt (engines.MM_LIMITS): such a
+    row is skipped and counted before generation, not sent."""
+    from racro_fast.engines import MM_LIMITS
+    rows = make_rows("count", 4, seed=5)
+    n = MM_LIMITS["image"] + 1
+    rows[0]["images"] = rows[0]["images"] * n
+    rows[0]["problem"] = "<image>" * n + " How many shapes are there in the first image?"
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    cfg = tiny_cfg(tmp_path / "run", tiny_captioner_dir, tiny_reasoner_dir, 2,
+                   f"data.train_files={path}", "data.synth_task=", "loss.kl_coef=0")
+    result = train(cfg)
+    assert result["skipped"].get("too_many_images", 0) >= 1, result["skipped"]
+
+
 def _model_and_samples(tiny_captioner_dir, adv: list[float], empty_first: bool = False):
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
     from racro_fast.prompts import build_captioner_inputs, captioner_messages
