@@ -8,7 +8,9 @@
    (with their 4- and 3-GEMM floors), logprob_from_logits and grpo_loss at their GPU shapes, and
    one whole update (bench_step.py: the packed forward against the padded one and a TRL-style step,
    Qwen2.5-VL-7B sizes with 4 layers, MFU); rows appended to benchmarks/results/<kernel>.csv;
-3. 3 trainer steps on CUDA: tiny random Qwen2.5-VL captioner and Qwen2 reasoner, HF engines,
+3. the packed attention's varlen call on CUDA (flash-attn's, else torch's varlen_attn) against the
+   exact segment loop in fp32 on the CPU, forward and the gradients of q, k, v;
+4. 3 trainer steps on CUDA (the packed update through that varlen call): tiny random Qwen2.5-VL captioner and Qwen2 reasoner, HF engines,
    FSDP2 at world size 1 over nccl (`torchrun --nproc_per_node 1`), with the per-phase seconds and
    memory gauges of every step.
 Everything is logged to benchmarks/results/gpu_check.log and summarised as one JSON line appended
@@ -65,6 +67,49 @@ def tiny_models(out: Path) -> tuple[str, str]:
     return str(out / "captioner"), str(out / "reasoner")
 
 
+def varlen_check(cuda: bool) -> dict:
+    """The varlen call the packed forward makes on CUDA, against the SDPA segment loop (fp32, CPU) on
+    two prompts of 3 captions each, GQA 8:2 heads of 64, bf16: output and gradients."""
+    import torch
+
+    from racro_fast.packed import VarlenLayout, _flash_varlen, varlen_attention
+
+    def layout(prompts: list[int], captions: list[list[int]], dev) -> VarlenLayout:
+        cu_q, cu_k, kv, pos = [0], [0], [], 0
+        for p, caps in zip(prompts, captions):
+            start = pos
+            kv += range(start, start + p)
+            pos += p
+            cu_q.append(pos)
+            cu_k.append(len(kv))
+            for c in caps:
+                kv += list(range(start, start + p)) + list(range(pos, pos + c))
+                pos += c
+                cu_q.append(pos)
+                cu_k.append(len(kv))
+        return VarlenLayout(cu_q, cu_k, torch.tensor(kv, dtype=torch.long, device=dev))
+
+    prompts, captions = [37, 50], [[9, 12, 5], [30, 1, 17]]
+    T, H, Hkv, d = sum(prompts) + sum(map(sum, captions)), 8, 2, 64
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(1, n, T, d, generator=g) for n in (H, Hkv, Hkv)]
+    dev = torch.device("cuda" if cuda else "cpu")
+    ref_in = [t.clone().requires_grad_(True) for t in base]
+    ref = varlen_attention(*ref_in, layout(prompts, captions, torch.device("cpu")), scale=d ** -0.5)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    got_in = [t.to(dev, dtype).requires_grad_(True) for t in base]
+    got = varlen_attention(*got_in, layout(prompts, captions, dev), scale=d ** -0.5)
+    w = torch.randn(ref.shape, generator=g)
+    (ref * w).sum().backward()
+    (got.float() * w.to(dev)).sum().backward()
+    err = {"out": (got.float().cpu() - ref).abs().max().item()}
+    for name, a, b in zip("qkv", got_in, ref_in):
+        err[f"d{name}"] = (a.grad.float().cpu() - b.grad).abs().max().item()
+    tol = 3e-2 if cuda else 1e-5  # bf16 inputs against fp32
+    path = ("flash-attn" if _flash_varlen() else "torch varlen_attn") if cuda else "segment loop"
+    return {"rc": 0 if max(err.values()) <= tol else 1, "path": path, "max_abs_err": err, "tol": tol}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--commit", default=None, help="the commit checked (when the tree has no .git)")
@@ -108,7 +153,13 @@ def main() -> int:
             summary["bench"][name] = {"rc": rc, "seconds": round(s, 1), "ratios": ratios}
             if lines and lines[-1].startswith("{"):  # bench_step's summary line
                 summary["bench"][name]["summary"] = json.loads(lines[-1])
-        # 3. three trainer steps
+        # 3. the packed attention's varlen call
+        try:
+            summary["varlen"] = varlen_check(cuda)
+        except Exception as e:  # noqa: BLE001 - recorded, the other parts still run
+            summary["varlen"] = {"rc": 1, "error": f"{type(e).__name__}: {e}"}
+        log.write(f"\nvarlen: {summary['varlen']}\n")
+        # 4. three trainer steps
         with tempfile.TemporaryDirectory() as tmp:
             cap, rsn = tiny_models(Path(tmp) / "models")
             run_dir = Path(tmp) / "run"
@@ -127,7 +178,7 @@ def main() -> int:
                                   if k == "step" or k.endswith("_s") or k.startswith("mem_") or k in
                                   ("peak_mem_gb", "loss", "reward_mean", "grad_norm", "tokens_per_s")})
             summary["train"] = {"rc": rc, "seconds": round(s, 1), "steps": steps}
-    summary["ok"] = summary["kernel_tests"]["rc"] == 0 and summary["train"]["rc"] == 0 and all(
+    summary["ok"] = summary["kernel_tests"]["rc"] == 0 and summary["train"]["rc"] == 0 and summary["varlen"]["rc"] == 0 and all(
         b.get("rc") == 0 for b in summary["bench"].values())
     if cuda:  # a CPU smoke run checks the plumbing and records nothing
         with open(RESULTS / "gpu_check.jsonl", "a") as f:

@@ -1,4 +1,4 @@
-"""`racro-fast train | demo | eval | bench | profile | synth`
+"""`racro-fast train | demo | eval | bench | profile | synth | plan`
 
     racro-fast train --config configs/qwen25vl_7b_r1_7b.yaml [section.field=value ...]
     racro-fast demo [section.field=value ...]        # tiny models built on CPU, then train (demo.py)
@@ -6,6 +6,8 @@
     racro-fast bench [fused_linear_logprob|fused_linear_grpo|logprob_from_logits|grpo_loss] [-- script args]
     racro-fast profile --config configs/qwen25vl_7b_r1_7b.yaml --steps 3   # torch.profiler trace of a few steps
     racro-fast synth --out data/count.parquet --n 1000 --task count
+    racro-fast plan --config configs/qwen25vl_7b_r1_32b_tp4.yaml [--gpus 8 --gpu-mem-gib 80 --nodes 1]
+                                                     # a GPU run's start-up and step rehearsed on any machine
 
 A mistake in the input (a config value, a missing data file or model path) is one line,
 `racro-fast: error: <field>: <what is wrong>`, and exit status 2; `--debug` anywhere on the
@@ -113,6 +115,9 @@ def _dispatch(argv: list[str]) -> int:
     if cmd == "synth":
         from racro_fast.synth import main as synth_main
         return synth_main(rest)
+    if cmd == "plan":
+        from racro_fast.plan import main as plan_main
+        return plan_main(rest)
     if cmd == "bench":
         return _bench(rest)
     if cmd == "profile":

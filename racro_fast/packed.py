@@ -9,9 +9,11 @@ packed row with no padding.
 Packed row of a micro-batch: [prompt_1, caption_1.1, ..., caption_1.G, prompt_2, caption_2.1, ...].
 Attention runs per segment (`varlen_attention`): a prompt attends causally to itself, a caption to
 [its prompt; itself] (causal, aligned at the end). That is flash-attn's varlen call with the keys
-gathered per segment; on other devices the same segments go through SDPA one by one (exact). The
-CPU tests run the loop, and the arguments of the flash call through a plain-torch rendering of
-flash_attn_varlen_func's documented contract.
+gathered per segment, or, where flash-attn is not installed, torch's own
+`torch.nn.attention.varlen.varlen_attn` (CUDA; causal through window_size=(-1, 0), GQA through
+enable_gqa; no dropout); on other devices the same segments go through SDPA one by one (exact).
+The CPU tests run the loop, and the arguments of both varlen calls through plain-torch renderings
+of their documented contracts.
 
 Positions: Qwen2.5-VL's 3-D rotary positions of the prompt are `get_rope_index`'s; a caption's
 continue from the prompt's largest position + 1 on all three axes, as they do in a full row.
@@ -70,11 +72,13 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, scal
                      flash=None) -> Tensor:
     """q (1, H, T, d), k and v (1, Hkv, T, d) of the packed row -> (1, T, H, d).
 
-    flash: a function with flash_attn_varlen_func's signature and contract; by default flash-attn's
-    own on CUDA when it imports, else the segments go through SDPA one by one."""
+    flash: a function with flash_attn_varlen_func's signature and contract; by default on CUDA
+    flash-attn's own when it imports, else torch's varlen_attn behind that signature (without
+    dropout); elsewhere the segments go through SDPA one by one."""
     kc = k[0].index_select(1, layout.kv_index)  # (Hkv, K, d): each segment's keys, prompts repeated per caption
     vc = v[0].index_select(1, layout.kv_index)
-    flash = flash or (_flash_varlen() if q.is_cuda else None)
+    if flash is None and q.is_cuda:
+        flash = _flash_varlen() or (_torch_varlen(varlen_attn_fn()) if dropout == 0.0 else None)
     if flash is not None:
         cu_q, cu_k, max_q, max_k = layout.flash_args(q.device)
         # (total, heads, d) in and out; causal masks are aligned at the end of the keys (flash-attn >= 2.1)
@@ -106,6 +110,31 @@ def _flash_varlen():
     except ImportError:
         return None
     return flash_attn_varlen_func
+
+
+def varlen_attn_fn():
+    """torch's varlen attention (torch >= 2.10; its kernels run on CUDA), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _torch_varlen(varlen_attn):
+    """torch's `varlen_attn` behind flash_attn_varlen_func's signature: q (total_q, H, d), k and v
+    (total_k, Hkv, d), int32 cu_seqlens; causal is window_size=(-1, 0), GQA needs enable_gqa; it has
+    no dropout. None when torch has none."""
+    if varlen_attn is None:
+        return None
+
+    def call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
+             causal=False):
+        if dropout_p:
+            raise ValueError("torch's varlen_attn has no attention dropout")
+        return varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=softmax_scale,
+                           window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k.shape[1])
+    return call
 
 
 

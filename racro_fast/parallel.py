@@ -527,7 +527,7 @@ def memory_plan(cfg, backend: Single, captioner: ModelSize, reasoner: ModelSize 
         "reasoner_sequences": 0,
     }
     if reasoner is not None:
-        plan["reasoner_sequences"] = reasoner_sequences(cfg, reasoner, total)
+        plan["reasoner_sequences"] = reasoner_sequences(cfg, reasoner, total, dist.local_world_size())
     return plan
 
 
@@ -535,7 +535,7 @@ def reasoner_replicas(cfg, gpus_per_node: int) -> int:
     return cfg.rollout.reasoner_dp or max(1, gpus_per_node // cfg.rollout.reasoner_tp)
 
 
-def reasoner_sequences(cfg, reasoner: ModelSize, total: float, gpus_per_node: int = 8) -> int:
+def reasoner_sequences(cfg, reasoner: ModelSize, total: float, gpus_per_node: int) -> int:
     """Requests of a step's longest shape (a caption of rollout.max_caption_tokens, the prompt, an
     answer of rollout.max_reasoner_tokens, at most rollout.max_model_len) that the node's reasoner
     server holds in its KV caches at once: more only wait in its queue. At least one per replica once

@@ -17,6 +17,7 @@ H100 = 80 * 10 ** 9  # bytes of an 80 GB H100 (79.6 GiB as torch reports it)
 
 def plan_for(path: Path, world: int, monkeypatch, *overrides: str) -> tuple:
     monkeypatch.setattr(dist, "world_size", lambda: world)
+    monkeypatch.setattr(dist, "local_world_size", lambda: min(world, 8))
     cfg = load_config(path, list(overrides))
     size = {name: parallel.ModelSize.from_config(SIZES / Path(getattr(cfg.model, name)).name)
             for name in ("captioner", "reasoner")}
@@ -27,9 +28,10 @@ def plan_for(path: Path, world: int, monkeypatch, *overrides: str) -> tuple:
 def table_row(path: Path, plan: dict) -> str:
     t = plan["trainer"]
     g = parallel.GIB
-    return (f"| `{path.name}` | {(t['params'] + t['ref']) / g:.1f} | {plan['captions'] / g:.1f} | "
-            f"{plan['answers'] / g:.1f} | {plan['update'] / g:.1f} | {plan['captioner_engine_need'] / g:.1f} | "
-            f"{plan['reasoner_engine_need'] / g:.1f} |")
+    return (f"| `{path.name}` | {(t['params'] + t['ref']) / g:.1f} | {plan['reasoner_start'] / g:.1f} | "
+            f"{plan['captioner_start'] / g:.1f} | {plan['captions'] / g:.1f} | {plan['answers'] / g:.1f} | "
+            f"{plan['update'] / g:.1f} | {plan['captioner_engine_need'] / g:.1f} | "
+            f"{plan['reasoner_engine_need'] / g:.1f} | {plan['reasoner_sequences']} |")
 
 
 def test_sizes_are_the_published_ones():

@@ -294,3 +294,39 @@ def test_flash_varlen_call_matches_the_segment_loop(tiny):
     flash = varlen_attention(q, k, v, layout, scale=d ** -0.5, flash=flash_attn_varlen_reference)
     assert loop.shape == flash.shape == (1, T, H, d)
     assert_close(flash, loop, 1e-5, "attention output")
+
+
+def torch_varlen_attn_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
+                                window_size=(-1, -1), enable_gqa=False, **unused):
+    """torch.nn.attention.varlen.varlen_attn's contract as its docstring states it, in plain torch:
+    (T_q, H_q, D) / (T_k, H_kv, D) packed, cut by cu_seq; window_size (-1, 0) is causal; H_kv < H_q
+    only with enable_gqa, each KV head shared by H_q / H_kv query heads. Its kernel is FlashAttention
+    2's, whose causal mask is aligned at the bottom right (the GPU check runs the real one)."""
+    assert not unused, unused
+    assert window_size in ((-1, 0), (-1, -1))
+    if query.shape[1] != key.shape[1]:
+        assert enable_gqa, "GQA heads without enable_gqa: varlen_attn raises"
+    return flash_attn_varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+                                       softmax_scale=scale, causal=window_size == (-1, 0))
+
+
+def test_torch_varlen_call_matches_the_segment_loop(tiny):
+    """Without flash-attn the CUDA path calls torch's varlen_attn: the arguments it gets (causal as a
+    window, GQA flag, scale) through a plain-torch rendering of its contract give the loop's output;
+    and the torch installed here has the function with those keywords."""
+    import inspect
+
+    from racro_fast.packed import _torch_varlen, varlen_attention, varlen_attn_fn
+    model, tok, proc = tiny
+    samples = make_samples(tok, proc, [1, 2], G=3)
+    layout = pack(model, samples, group_samples(samples), CPU, cache_vision=False).layout
+    T, H, Hkv, d = int(layout.cu_q[-1]), 4, 2, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, T, d, generator=g) for n in (H, Hkv, Hkv))
+    loop = varlen_attention(q, k, v, layout, scale=d ** -0.5)
+    via_torch = varlen_attention(q, k, v, layout, scale=d ** -0.5, flash=_torch_varlen(torch_varlen_attn_reference))
+    assert_close(via_torch, loop, 1e-5, "attention output")
+    real = varlen_attn_fn()
+    assert real is not None, "torch >= 2.10 ships torch.nn.attention.varlen.varlen_attn"
+    params = inspect.signature(real).parameters
+    assert {"scale", "window_size", "enable_gqa"} <= set(params), list(params)
