@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from racro_fast import models
-from racro_fast.engines import Engine, GenRequest, HFEngine, SamplingConfig, standalone_vllm
+from racro_fast.engines import MM_LIMITS, Engine, GenRequest, HFEngine, SamplingConfig, standalone_vllm
 from racro_fast.eval_data import BenchFile, BenchItem, LayoutError, load_benchmark
 from racro_fast.jsonl import JsonlStore
 from racro_fast.plots import grouped_bars
@@ -140,7 +140,8 @@ def load_captioner(path: str, engine: str, batch_size: int, max_tokens: int, see
         engine = "hf"
     if engine == "vllm":
         # Room for the image tokens and question besides the answer.
-        return standalone_vllm(path, max_tokens + 8192, seed, limit_mm_per_prompt={"image": 8}), tokenizer, image_processor
+        return (standalone_vllm(path, max_tokens + 8192, seed, limit_mm_per_prompt=MM_LIMITS), tokenizer,
+                image_processor)
     device, dtype = _device_dtype()
     model = models.load_captioner(path, dtype, device).eval()
     return HFEngine(model, tokenizer, batch_size=batch_size), tokenizer, image_processor

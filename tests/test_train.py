@@ -212,6 +212,8 @@ def test_profile_reports_phases_and_writes_the_trace(tmp_path, tiny_captioner_di
     assert (out / "profile_trace.json").stat().st_size > 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["policy_forward_s"] + r["policy_backward_s"] <= r["train_s"] for r in rows)
+    # the weight push is in every step's metrics (nothing moves into the HF engine: it shares the module)
+    assert all(r["push_bytes"] == 0.0 and 0.0 <= r["push_s"] <= r["sync_s"] for r in rows), rows
 
 
 def test_trains_on_synthetic_scenes(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
