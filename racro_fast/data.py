@@ -310,31 +310,82 @@ def _pick(
 
 
 class RowStream:
-    """Endless, seeded, resumable order over the dataset's rows: (epoch, index) is its whole state."""
+    """Endless, seeded, resumable order over the dataset's rows, split over ranks.
 
-    def __init__(self, n: int, seed: int, shuffle: bool, shard: int = 0, num_shards: int = 1):
+    Each epoch has one order of the rows (seeded by the run's seed and the epoch, the same on every
+    rank); rank r of W takes its positions r, r + W, r + 2W, ... of it. Its state is (epoch, index)
+    and, after a change of world size, the positions of the epochs in progress that the earlier
+    ranks had already taken (`skip`), so that no row is seen twice or left out across the change
+    (`resharded`)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool, shard: int = 0, num_shards: int = 1,
+                 skip: dict[int, list[int]] | None = None):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.shard, self.num_shards = shard, num_shards
+        self.skip = {int(e): set(v) for e, v in (skip or {}).items()}  # epoch -> positions taken before
         self.epoch, self.index = 0, 0
         self._order = self._make_order()
 
-    def _make_order(self) -> list[int]:
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The rows of an epoch in order (every rank's)."""
         order = list(range(self.n))
         if self.shuffle:
-            random.Random(self.seed * 1000 + self.epoch).shuffle(order)
-        return order[self.shard::self.num_shards]
+            random.Random(self.seed * 1000 + epoch).shuffle(order)
+        return order
+
+    def positions(self, epoch: int) -> list[int]:
+        """This rank's positions in an epoch's order, less those taken before a change of world size."""
+        taken = self.skip.get(epoch, set())
+        return [p for p in range(self.shard, self.n, self.num_shards) if p not in taken]
+
+    def _make_order(self) -> list[int]:
+        order = self.epoch_order(self.epoch)
+        return [order[p] for p in self.positions(self.epoch)]
 
     def next(self) -> int:
-        if self.index >= len(self._order):
+        while self.index >= len(self._order):
             self.epoch, self.index = self.epoch + 1, 0
+            self.skip = {e: v for e, v in self.skip.items() if e >= self.epoch}
             self._order = self._make_order()
         i = self._order[self.index]
         self.index += 1
         return i
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        """Plain types only: a checkpoint loads it without unpickling code."""
+        return {"epoch": self.epoch, "index": self.index,
+                "skip": {str(e): sorted(v) for e, v in self.skip.items()}}
 
     def load(self, state: dict) -> None:
+        self.skip = {int(e): set(v) for e, v in state.get("skip", {}).items()}
         self.epoch, self.index = state["epoch"], state["index"]
         self._order = self._make_order()
+
+    def taken(self, state: dict, since: int) -> dict[int, set[int]]:
+        """Positions of the epochs from `since` on that this rank, in `state`, has taken (with those
+        its own skip sets say were taken before it)."""
+        self.load(state)
+        out = {e: set(v) for e, v in self.skip.items() if e >= since}
+        for e in range(since, state["epoch"] + 1):
+            mine = self.positions(e)
+            out.setdefault(e, set()).update(mine if e < state["epoch"] else mine[:state["index"]])
+        return out
+
+    @classmethod
+    def resharded(cls, states: list[dict], n: int, seed: int, shuffle: bool, shard: int,
+                  num_shards: int) -> "RowStream":
+        """This rank's stream in a world of `num_shards`, continuing the streams of an earlier world
+        whose ranks' states are `states`: every position an earlier rank took is skipped, every other
+        one is taken by exactly one new rank, from the earliest epoch any earlier rank had not finished."""
+        start = min(st["epoch"] for st in states)
+        taken: dict[int, set[int]] = {}
+        for r, st in enumerate(states):
+            for e, pos in cls(n, seed, shuffle, r, len(states)).taken(st, start).items():
+                taken.setdefault(e, set()).update(pos)
+        full = {e for e, pos in taken.items() if len(pos) == n}  # epochs every earlier rank finished
+        while start in full:
+            start += 1
+        stream = cls(n, seed, shuffle, shard, num_shards, {e: sorted(p) for e, p in taken.items() if e >= start})
+        stream.epoch, stream.index = start, 0
+        stream._order = stream._make_order()
+        return stream

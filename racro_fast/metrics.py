@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -143,7 +144,13 @@ class MetricsLog:
         self.every = 0  # log a progress line every this many steps (0: none, or the bar)
         if not self.on:
             return
-        self.file = open(out_dir / "metrics.jsonl", "a")
+        path = out_dir / "metrics.jsonl"
+        if path.exists():  # a run killed after logging steps its last checkpoint does not hold: they run again
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= start_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self.file = open(path, "a")
         if cfg.run.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             tb = SummaryWriter(str(out_dir / "tb"))
@@ -182,6 +189,14 @@ class MetricsLog:
             self.pbar.close()
         if self.file is not None:
             self.file.close()
+
+
+def _step_of(line: str) -> float:
+    """A metrics line's step; a torn line (a kill mid-write) counts as past every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def collapse_signal(history: list[dict], window: int = 10) -> str:

@@ -59,26 +59,6 @@ def _blocks(model) -> list[torch.nn.Module]:
     return blocks
 
 
-def _tied_names(model) -> set[str]:
-    seen, tied = {}, set()
-    for name, t in model.state_dict(keep_vars=True).items():
-        key = t.data_ptr()
-        if key in seen:
-            tied.add(name)
-        seen.setdefault(key, name)
-    return tied
-
-
-def _dedup_shared(state: dict) -> dict:
-    seen, out = set(), {}
-    for k, v in state.items():
-        if v.data_ptr() in seen:
-            continue
-        seen.add(v.data_ptr())
-        out[k] = v
-    return out
-
-
 def _buffers(module) -> Iterator[tuple[str, torch.Tensor]]:
     for name, b in module.named_buffers():
         if not name.endswith("inv_freq"):  # derived from the config; engines rebuild their own
@@ -153,20 +133,25 @@ class Single:
         yield from _buffers(module)
 
     def save(self, model, optimizer, path: Path) -> None:
-        from safetensors.torch import save_file
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(_dedup_shared(state), str(path / "model.safetensors"))
-        torch.save(optimizer.state_dict(), path / "optimizer.pt")
+        """Model and optimizer state through DCP (`checkpoint.dcp_save`), keyed by parameter names:
+        one process and FSDP2 write the same layout, which loads on any world size (DCP reshards)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from racro_fast.checkpoint import dcp_save
+        msd, osd = get_state_dict(model, optimizer)
+        dcp_save({"model": msd, "optim": osd}, path / "dcp")
 
     def load(self, model, optimizer, path: Path) -> None:
-        from safetensors.torch import load_file
-        if not (path / "model.safetensors").exists():
-            raise ConfigError(f"run.resume: {path} holds no single-process state (written by a sharded run?)")
-        missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
-        bad = [k for k in missing if k not in _tied_names(model)]
-        if bad or unexpected:
-            raise ConfigError(f"run.resume: checkpoint {path}: missing {bad[:5]}, unexpected {unexpected[:5]}")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        if not (path / "dcp").exists():
+            raise ConfigError(f"run.resume: {path} holds no DCP state (model and optimizer); it was written "
+                              "by a DeepSpeed run")
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from racro_fast.checkpoint import dcp_load
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp_load(state, path / "dcp")
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def memory(self, size: ModelSize, with_ref: bool) -> dict[str, float]:
         """Estimated GPU bytes per rank of the trainer's parameters, gradients and AdamW state, of the
@@ -221,24 +206,6 @@ class FSDP2(Single):
             t = p.detach()
             yield name, t.full_tensor() if hasattr(t, "full_tensor") else t
         yield from _buffers(model)
-
-    def save(self, model, optimizer, path: Path) -> None:
-        """Sharded (DCP): a resume needs the same world size; `checkpoint.export` writes the full model."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-        msd, osd = get_state_dict(model, optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path / "dcp"))
-
-    def load(self, model, optimizer, path: Path) -> None:
-        if not (path / "dcp").exists():
-            raise ConfigError(f"run.resume: {path} holds no sharded (dcp) state; it was written by a "
-                                    "single-process or DeepSpeed run")
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-        msd, osd = get_state_dict(model, optimizer)
-        state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def _forward_inner_through_root(model) -> None:

@@ -86,7 +86,7 @@ def rehearse(cfg, gpus: int, gpu_mem: float, nodes: int, model_configs: str | No
 
     if reasoner is not None:
         lines.append(engine_start("reasoner", plan["reasoner_start"], r.reasoner_gpu_fraction)
-                     + f"  (local rank 0 starts it; every rank waits up to rollout.reasoner_start_timeout)")
+                     + "  (local rank 0 starts it; every rank waits up to rollout.reasoner_start_timeout)")
         lines.append(f"  sleep    reasoner  level 1: weights to host memory; it keeps {g(parallel.ENGINE_ASLEEP)}")
     if r.engine == "vllm":
         lines.append(engine_start("captioner", plan["captioner_start"], r.captioner_gpu_fraction))

@@ -25,17 +25,16 @@ import copy
 import json
 import logging
 import math
-import random
+import os
 import resource
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from racro_fast import checkpoint, dist, parallel
+from racro_fast import checkpoint, dist, launch, parallel
 from racro_fast.config import Config, ConfigError, check_paths, check_world, load_config
 from racro_fast.data import RowDataset, RowStream
 from racro_fast.engines import (MM_LIMITS, Engine, GenOutput, GenRequest, HFEngine, SamplingConfig, VLLMEngine,
@@ -213,8 +212,8 @@ def build_data(cfg: Config, out_dir: Path) -> tuple[RowDataset, RowStream]:
         dist.barrier()
         files = [str(path)]
     dataset = RowDataset(files, fmt=cfg.data.format, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
-    if len(dataset) == 0:
-        raise ConfigError(f"data.train_files: no rows in {files}")
+    if len(dataset) < dist.world_size():
+        raise ConfigError(f"data.train_files: {len(dataset)} rows in {files}, fewer than the {dist.world_size()} ranks")
     return dataset, RowStream(len(dataset), cfg.train.seed, cfg.data.shuffle, dist.rank(), dist.world_size())
 
 
@@ -264,15 +263,24 @@ def build_engines(cfg: Config, policy: Policy, device: torch.device, out_dir: Pa
     return Engines(captioner, reasoner, rtok, scorer)
 
 
-def resume(cfg: Config, out_dir: Path, policy: Policy, stream: RowStream) -> int:
-    """Restore the newest complete checkpoint (run.resume); returns the step to start from."""
+def resume(cfg: Config, out_dir: Path, policy: Policy, stream: RowStream) -> tuple[int, RowStream]:
+    """Restore the newest complete checkpoint (run.resume); returns the step to start from and this
+    rank's data stream. On the world size that wrote it, each rank's own stream and RNG; on another,
+    the stream from the same global position and the RNG re-derived (checkpoint.py's docstring)."""
     ckpt = checkpoint.find(out_dir, cfg.run.resume)
     if ckpt is None:
-        return 0
+        return 0, stream
     state = checkpoint.load(ckpt, policy.backend, policy.model, policy.optimizer, policy.scheduler)
-    stream.load(state["data"]["stream"][dist.rank()])
-    log.info("resumed from %s at step %d", ckpt, state["step"])
-    return state["step"]
+    streams, step = state["data"]["stream"], state["step"]
+    if state["world"] == dist.world_size():
+        stream.load(streams[dist.rank()])
+    else:
+        stream = RowStream.resharded(streams, stream.n, stream.seed, stream.shuffle, dist.rank(), dist.world_size())
+        checkpoint.seed_everything((cfg.train.seed * 1_000_003 + step) * dist.world_size() + dist.rank())
+        log.info("checkpoint written by %d ranks resumed on %d: data from the same position, RNG re-derived",
+                 state["world"], dist.world_size())
+    log.info("resumed from %s at step %d", ckpt, step)
+    return step, stream
 
 
 # ----------------------------------------------------------------------------- one step
@@ -493,7 +501,7 @@ def finish(cfg: Config, out_dir: Path, policy: Policy, dataset: RowDataset, engi
     if dist.rank() == 0:
         from racro_fast.plots import reward_curve
         rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        by_step = {r["step"]: r["reward_mean"] for r in rows}  # a resumed run may repeat steps: keep the last
+        by_step = {r["step"]: r["reward_mean"] for r in rows}  # one row a step: a resume drops what it reruns
         reward_curve(out_dir / "reward_curve.png", sorted(by_step), [by_step[s] for s in sorted(by_step)])
     if cfg.run.export:
         checkpoint.export(policy.backend, policy.model, policy.tokenizer, policy.image_processor, out_dir / "export")
@@ -505,52 +513,52 @@ def train(cfg: Config) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     check_world(cfg, dist.world_size())
     check_paths(cfg)
+    if "LOCAL_RANK" in os.environ:
+        launch.die_with_parent()  # a killed torchrun (its elastic agent) takes its ranks with it
     dist.init(cfg.dist.timeout_s)
     device = dist.device(cfg.run.device)
-    for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
-        seed_fn(cfg.train.seed + dist.rank())
+    checkpoint.seed_everything(cfg.train.seed + dist.rank())
     out_dir = Path(cfg.run.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if dist.rank() == 0:
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-
-    dataset, stream = build_data(cfg, out_dir)
-    policy = build_policy(cfg, device)
-    build_optimizer(cfg, policy, device)
-    engines = build_engines(cfg, policy, device, out_dir)
-    try:  # the reasoner server and reward workers stop on every exit: normal, error or Ctrl-C
-        start_step = resume(cfg, out_dir, policy, stream)
-        q_local = cfg.train.questions_per_step // dist.world_size()
-        updates_per_step = cfg.train.questions_per_step // cfg.train.mini_batch
-        metrics, history = MetricsLog(cfg, out_dir, start_step), []
-        for step in range(start_step, cfg.train.steps):
-            rec = StepRecord(step, time.perf_counter(), Phases(), {})
-            phases, gauges = rec.phases, rec.gauges
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            rows, inputs = next_questions(cfg, dataset, stream, policy, q_local)
-            moved = policy.backend.offload_optimizer(policy.optimizer, device)
-            with phases("sync"):
-                sync_weights(cfg, policy, engines, gauges)
-            rec.rollout = ro = rollout(cfg, step, rows, inputs, engines, policy, phases, gauges)
-            parallel.reload_optimizer(moved)
-            with phases("logprob"):
-                samples = make_samples(cfg, policy, inputs, ro, device, updates_per_step)
-            with phases("train"):
-                rec.update = update(cfg, policy, samples, device, updates_per_step, phases)
-            parallel.memory_gauge("step", gauges)
-            m = log_step(rec, policy, dataset, engines.scorer, device)
-            why = collapse_signal(history + [m])
-            if why and not (history and history[-1]["collapse"]):
-                log.warning("step %d: the policy looks like it is collapsing: %s", step + 1, why)
-            m["collapse"] = float(bool(why))
-            history.append(m)
-            metrics.write(m)
-            save(cfg, out_dir, step, policy, stream)
-        metrics.close()
-        finish(cfg, out_dir, policy, dataset, engines)
-    finally:
-        engines.close()
+    with checkpoint.lock_output_dir(out_dir):  # one run per folder, for the run's life
+        if dist.rank() == 0:
+            (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        dataset, stream = build_data(cfg, out_dir)
+        policy = build_policy(cfg, device)
+        build_optimizer(cfg, policy, device)
+        engines = build_engines(cfg, policy, device, out_dir)
+        try:  # the reasoner server and reward workers stop on every exit: normal, error or Ctrl-C
+            start_step, stream = resume(cfg, out_dir, policy, stream)
+            q_local = cfg.train.questions_per_step // dist.world_size()
+            updates_per_step = cfg.train.questions_per_step // cfg.train.mini_batch
+            metrics, history = MetricsLog(cfg, out_dir, start_step), []
+            for step in range(start_step, cfg.train.steps):
+                rec = StepRecord(step, time.perf_counter(), Phases(), {})
+                phases, gauges = rec.phases, rec.gauges
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                rows, inputs = next_questions(cfg, dataset, stream, policy, q_local)
+                moved = policy.backend.offload_optimizer(policy.optimizer, device)
+                with phases("sync"):
+                    sync_weights(cfg, policy, engines, gauges)
+                rec.rollout = ro = rollout(cfg, step, rows, inputs, engines, policy, phases, gauges)
+                parallel.reload_optimizer(moved)
+                with phases("logprob"):
+                    samples = make_samples(cfg, policy, inputs, ro, device, updates_per_step)
+                with phases("train"):
+                    rec.update = update(cfg, policy, samples, device, updates_per_step, phases)
+                parallel.memory_gauge("step", gauges)
+                m = log_step(rec, policy, dataset, engines.scorer, device)
+                why = collapse_signal(history + [m])
+                if why and not (history and history[-1]["collapse"]):
+                    log.warning("step %d: the policy looks like it is collapsing: %s", step + 1, why)
+                m["collapse"] = float(bool(why))
+                history.append(m)
+                metrics.write(m)
+                save(cfg, out_dir, step, policy, stream)
+            metrics.close()
+            finish(cfg, out_dir, policy, dataset, engines)
+        finally:
+            engines.close()
     return {"history": history, "out_dir": str(out_dir), "skipped": dict(dataset.skipped)}
 
 

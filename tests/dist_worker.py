@@ -20,6 +20,8 @@ server: the real `train()` with the tiny reasoner behind one vLLM server that lo
     the server's start.
 faults: the real `train()` three times, an exception raised on rank 1 alone in the caption, reasoner
     and reward phase in turn; each rank records its error and when it came (wall clock).
+reshard: `write` trains 2 steps on 2 ranks; `read` resumes on 2 ranks a checkpoint written by one
+    process, records that the loaded model and optimizer state are the stored ones, then trains on.
 start:  `build_reasoner_engine(..., "server")` under a main group whose collective timeout is shorter
     than the server's start; each rank records the start time and a generate through it.
 sleep:  a managed `ServerEngine` on each rank, the server (a stand-in HTTP server on rank 0 that takes
@@ -406,6 +408,60 @@ def run_sleep(out_dir: str, port: str) -> None:
     dist.barrier()
 
 
+def reshard_cfg(captioner: str, reasoner: str, out: Path, steps: int):
+    from racro_fast.config import load_config
+    return load_config(ROOT / "configs" / "demo_cpu.yaml", [
+        f"model.captioner={captioner}", f"model.reasoner={reasoner}", f"run.output_dir={out}", f"train.steps={steps}",
+        "train.questions_per_step=2", "train.mini_batch=2", "train.micro_batch=2", "rollout.group_size=2",
+        "loss.entropy_coef=0.01", "loss.kl_coef=0.001", "rollout.max_caption_tokens=5", "rollout.max_reasoner_tokens=4",
+        "data.synth_rows=8", "run.progress=false", "run.export=false", "run.save_every=1", "run.keep_checkpoints=5"])
+
+
+def loaded_matches_stored(cfg) -> dict:
+    """Build the policy and optimizer as train() does, resume from the run's newest checkpoint, and
+    compare what was loaded (gathered whole) with what the checkpoint stores: the largest difference
+    of the weights and of the optimizer's moments, and the step and data streams resumed."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from racro_fast import checkpoint, dist
+    from racro_fast.train import build_data, build_optimizer, build_policy, resume
+    dist.init(cfg.dist.timeout_s)
+    device = torch.device("cpu")
+    out = Path(cfg.run.output_dir)
+    _, stream = build_data(cfg, out)
+    policy = build_policy(cfg, device)
+    build_optimizer(cfg, policy, device)
+    step, stream = resume(cfg, out, policy, stream)
+    ckpt = checkpoint.find(out, "auto")
+    weights = dict(policy.backend.full_state_items(policy.model))
+    stored = checkpoint.model_weights(ckpt)
+    w_diff = max((weights[k].float() - stored[k].float()).abs().max().item() for k in stored)
+    _, osd = get_state_dict(policy.model, policy.optimizer, options=StateDictOptions(full_state_dict=True))
+    moments = checkpoint.stored_tensors(ckpt, "optim.state.")
+    o_diff, n = 0.0, 0
+    for fqn, st in osd["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            got = st[key].full_tensor() if hasattr(st[key], "full_tensor") else st[key]
+            o_diff = max(o_diff, (got.float() - moments[f"{fqn}.{key}"].float()).abs().max().item())
+            n += 1
+    return {"step": step, "weights_diff": w_diff, "moments_diff": o_diff, "moments": n,
+            "n_weights": len(stored), "stream": stream.state()}
+
+
+def run_reshard(captioner: str, reasoner: str, out_dir: str, mode: str) -> None:
+    import json
+
+    from racro_fast import dist
+    from racro_fast.train import train
+    out = Path(out_dir)
+    if mode == "write":
+        train(reshard_cfg(captioner, reasoner, out / "two", 2))
+        return
+    record = loaded_matches_stored(reshard_cfg(captioner, reasoner, out / "one", 2))
+    record["steps"] = [h["step"] for h in train(reshard_cfg(captioner, reasoner, out / "one", 3))["history"]]
+    (out / f"read{dist.rank()}.json").write_text(json.dumps(record))
+
+
 def run_start(reasoner: str, out_dir: str, port: str) -> None:
     import json
     import time
@@ -434,4 +490,4 @@ def run_start(reasoner: str, out_dir: str, port: str) -> None:
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     {"update": run_update, "train": run_train, "vllm": run_vllm, "server": run_server, "faults": run_faults,
-     "sleep": run_sleep, "start": run_start}[mode](*args)
+     "sleep": run_sleep, "start": run_start, "reshard": run_reshard}[mode](*args)

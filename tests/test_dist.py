@@ -17,9 +17,13 @@ samples can be fixed.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -174,6 +178,17 @@ def test_deepspeed_zero3_train_checkpoint_resume(tmp_path, tiny_captioner_dir, t
     torchrun("train", tiny_captioner_dir, tiny_reasoner_dir, tmp_path, "dist.backend=deepspeed",
              f"dist.deepspeed_config={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}")
     _check_resume(tmp_path, tiny_captioner_dir, "deepspeed")
+    # DeepSpeed's checkpoints resume on their own world size only: one process refuses in one line
+    from racro_fast.config import ConfigError, load_config
+    from racro_fast.train import train
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", [
+        f"model.captioner={tiny_captioner_dir}", f"model.reasoner={tiny_reasoner_dir}",
+        f"run.output_dir={tmp_path / 'b'}", "train.steps=3", "train.questions_per_step=2", "train.mini_batch=2",
+        "rollout.group_size=2", "rollout.max_caption_tokens=5", "rollout.max_reasoner_tokens=4", "data.synth_rows=8",
+        "run.progress=false", "run.export=false"])
+    with pytest.raises(ConfigError, match=r"^run.resume: .* was written by DeepSpeed on 2 ranks; it resumes on 2 "
+                                          r"ranks only, not 1"):
+        train(cfg)
 
 
 @requires_vllm
@@ -316,3 +331,148 @@ def test_server_start_longer_than_the_collective_timeout(tmp_path, tiny_reasoner
         "the test shows nothing")
     for r in (r0, r1):
         assert r["tokens"] > 0 and r["after_main_group"] == 1.0, r
+
+
+def test_a_checkpoint_resumes_on_another_world_size(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
+    """Saved on 2 ranks, resumed in one process; saved in one process, resumed on 2 ranks: the model
+    and optimizer state loaded are the stored ones exactly (DCP reshards), the run goes on from the
+    next step, and the data stream continues from the same global position (the rows the old ranks
+    took are skipped: `RowStream.resharded`, whose every-row-once property tests/test_metrics.py checks)."""
+    import json
+
+    from racro_fast.data import RowStream
+    from racro_fast.train import train
+    torchrun("reshard", tiny_captioner_dir, tiny_reasoner_dir, tmp_path, "write", timeout=600)
+    cfg = dist_worker.reshard_cfg(str(tiny_captioner_dir), str(tiny_reasoner_dir), tmp_path / "two", 2)
+    one = dist_worker.loaded_matches_stored(cfg)
+    assert one["step"] == 2 and one["n_weights"] > 0 and one["moments"] > 0, one
+    assert one["weights_diff"] == 0.0 and one["moments_diff"] == 0.0, one
+    saved = torch.load(tmp_path / "two" / "checkpoints" / "step_000002" / "trainer.pt", weights_only=True)
+    assert saved["world"] == 2
+    want = RowStream.resharded(saved["data"]["stream"], 8, 0, True, 0, 1).state()
+    assert one["stream"] == want and want["skip"], (one["stream"], want)
+    steps = [h["step"] for h in train(dist_worker.reshard_cfg(str(tiny_captioner_dir), str(tiny_reasoner_dir),
+                                                             tmp_path / "two", 3))["history"]]
+    assert steps == [3], steps
+
+    train(dist_worker.reshard_cfg(str(tiny_captioner_dir), str(tiny_reasoner_dir), tmp_path / "one", 2))
+    torchrun("reshard", tiny_captioner_dir, tiny_reasoner_dir, tmp_path, "read", timeout=600)
+    for r in range(2):
+        got = json.loads((tmp_path / f"read{r}.json").read_text())
+        assert got["step"] == 2 and got["weights_diff"] == 0.0 and got["moments_diff"] == 0.0, got
+        assert got["steps"] == [3], got
+
+
+def _launch_train(out: Path, captioner: Path, reasoner: Path, steps: int, log: Path) -> subprocess.Popen:
+    """`torchrun --nproc_per_node 2 -m racro_fast.train` as a user runs it, in a session of its own
+    (so that the test can kill the launcher alone, or the whole tree)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "racro_fast.train", "--config", str(ROOT / "configs" / "demo_cpu.yaml"),
+           f"model.captioner={captioner}", f"model.reasoner={reasoner}", f"run.output_dir={out}",
+           f"train.steps={steps}", "train.questions_per_step=2", "train.mini_batch=2", "train.micro_batch=2",
+           "rollout.group_size=2", "loss.entropy_coef=0.01", "loss.kl_coef=0.001", "rollout.max_caption_tokens=5",
+           "rollout.max_reasoner_tokens=4", "data.synth_rows=8", "run.progress=false", "run.save_every=1",
+           "run.resume=auto"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _alive(procs: list[psutil.Process]) -> list[int]:
+    out = []
+    for p in procs:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _rows(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def test_killing_torchrun_alone_ends_its_ranks(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
+    """SIGKILL of the launcher only (an OOM-killed agent, a lost ssh session): its ranks, which torch's
+    elastic agent starts in sessions of their own, die with it (parent-death signal), and with them
+    their reward workers; nothing is left to train beside a relaunched run."""
+    out = tmp_path / "run"
+    proc = _launch_train(out, tiny_captioner_dir, tiny_reasoner_dir, 500, tmp_path / "log")
+    try:
+        _wait_for(lambda: len(_rows(out)) >= 1, 300, "the first step")
+        tree = _tree(proc.pid)
+        ranks = [p for p in tree if "racro_fast.train" in " ".join(p.cmdline()) and p.pid != proc.pid]
+        assert len(ranks) >= 2, [p.cmdline() for p in tree]
+        os.kill(proc.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        _wait_for(lambda: not _alive(tree), 30, f"processes of the run after its launcher died: {_alive(tree)}")
+        print(f"launcher killed: {len(tree) - 1} processes of the run gone in {time.monotonic() - t0:.1f} s")
+    finally:
+        for p in _tree(proc.pid):
+            p.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("kills", [3])
+def test_kill_drill(tmp_path, tiny_captioner_dir, tiny_reasoner_dir, kills):
+    """The whole process tree SIGKILLed at random moments, as a node crash would, and relaunched with
+    run.resume=auto each time: every step is logged exactly once and the final weights equal an
+    unbroken run's, bit for bit."""
+    import random
+
+    from safetensors.torch import load_file
+    steps = 10
+    straight = tmp_path / "straight"
+    assert _launch_train(straight, tiny_captioner_dir, tiny_reasoner_dir, steps, tmp_path / "straight.log").wait(600) == 0
+    drill, log = tmp_path / "drill", tmp_path / "drill.log"
+    seed = int(time.time())
+    rng = random.Random(seed)
+    t0, landed, launches = time.monotonic(), 0, 0
+    while landed < kills:
+        proc = _launch_train(drill, tiny_captioner_dir, tiny_reasoner_dir, steps, log)
+        launches += 1
+        wait = rng.uniform(4.0, 16.0)  # start-up takes about 8 s, a step about 1 s
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            tree = _tree(proc.pid)
+            for p in tree:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            proc.wait()
+            _wait_for(lambda: not _alive(tree), 30, "the killed tree")
+            landed += 1
+            continue
+        if proc.returncode == 0:  # it finished before the kill: start over with a fresh folder
+            shutil.rmtree(drill)
+    assert _launch_train(drill, tiny_captioner_dir, tiny_reasoner_dir, steps, log).wait(600) == 0
+    launches += 1
+    rows = _rows(drill)
+    resumes = log.read_text().count("resumed from") // 2  # each rank says it once
+    print(f"kill drill (seed {seed}): {landed} kills landed, {launches} launches, {resumes} resumes, "
+          f"{len(rows)} rows for {steps} steps, {time.monotonic() - t0:.0f} s")
+    assert rows == list(range(1, steps + 1)), rows
+    wa = load_file(str(straight / "export" / "model.safetensors"))
+    wb = load_file(str(drill / "export" / "model.safetensors"))
+    diffs = {k: (wa[k] - wb[k]).abs().max().item() for k in wa}
+    assert wa.keys() == wb.keys() and max(diffs.values()) == 0.0, max(diffs.items(), key=lambda kv: kv[1])

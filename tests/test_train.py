@@ -31,9 +31,9 @@ def tiny_cfg(out: Path, cap: Path, rsn: Path, steps: int, *extra: str):
 
 
 def final_weights(out: Path) -> dict:
-    from safetensors.torch import load_file
+    from racro_fast.checkpoint import model_weights
     ckpts = sorted((out / "checkpoints").glob("step_*"))
-    return load_file(str(ckpts[-1] / "model.safetensors"))
+    return model_weights(ckpts[-1])
 
 
 def test_exact_resume(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
