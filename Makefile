@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 
 CPU_LIB := build/cpu/libracro_fast_cpu.so
 
-.PHONY: demo test test-fast bench cpu-kernels gpu-check gpu-wheels clean
+.PHONY: demo test test-fast bench bench-compare bench-tables cpu-kernels gpu-check gpu-wheels clean
 
 $(VENV)/.setup-run: setup.py scripts/setup.sh
 	bash scripts/setup.sh run
@@ -36,7 +36,16 @@ test: $(VENV)/.setup-dev $(CPU_LIB)
 test-fast: $(VENV)/.setup-dev $(CPU_LIB)
 	$(BIN)/python -P -m pytest -q tests -m "not slow" $(ARGS)
 
+# the kernels as pytest-benchmark suites (small shapes, a few minutes), saved under .benchmarks/;
+# bench-compare: the newest saved run against the one before, on each benchmark's ratio to eager
 bench: $(VENV)/.setup-dev $(CPU_LIB)
+	$(BIN)/python -P -m pytest -q benchmarks --benchmark-only --benchmark-autosave $(ARGS)
+
+bench-compare:
+	$(BIN)/python benchmarks/compare_ratios.py $(ARGS)
+
+# the scripts behind the README's tables: large shapes, CSV rows in benchmarks/results/, plots
+bench-tables: $(VENV)/.setup-dev $(CPU_LIB)
 	$(BIN)/python benchmarks/bench_fused_linear_logprob.py
 	$(BIN)/python benchmarks/bench_fused_linear_grpo.py
 	$(BIN)/python benchmarks/bench_logprob_from_logits.py
