@@ -44,6 +44,7 @@ from PIL import Image
 
 from racro_fast.config import load_config
 from racro_fast.engines import GenRequest, HFEngine, SamplingConfig
+from racro_fast.eval_data import load_benchmark
 from racro_fast.evaluate import EvalConfig, evaluate
 from racro_fast.forward import Sample, collate
 from racro_fast.prompts import (build_captioner_inputs, captioner_messages, clean_problem, mm_token_types,
@@ -232,6 +233,26 @@ def family_accuracy(cfg, captioner: str | Path, out_dir: str | Path, n: int = 12
     return acc
 
 
+def value_accuracy(eval_dir: str | Path, data_dir: str | Path, n: int = 128) -> tuple[dict[str, float], dict]:
+    """Accuracy per asked value (big, small, square, bar, pillar, solid, hollow; "count" for the count
+    questions) from the records `family_accuracy` wrote under eval_dir, and up to 3 sample captions
+    per value. A habit per family shows here as one value high and its twin near zero."""
+    hits: dict[str, list[bool]] = {}
+    samples: dict[str, list[str]] = {}
+    for family in FAMILIES:
+        items = {it.id: it for it in load_benchmark(Path(data_dir) / f"{family}_{n}.parquet").items}
+        for line in (Path(eval_dir) / family / "records.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            question = items[rec["id"]].question
+            value = _needed_key(question) or "count"
+            hits.setdefault(value, []).append(bool(rec["verdict"]))
+            if len(samples.setdefault(value, [])) < 3:
+                samples[value].append(f"{clean_problem(question)} -> {rec['caption']!r} -> {rec['extracted']}")
+    order = ["count", *_VALUES]
+    return ({v: sum(hits[v]) / len(hits[v]) for v in order if v in hits},
+            {v: samples[v] for v in order if v in samples})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="racro-fast demo", description="Train the tiny demo captioner on CPU.")
     p.add_argument("--config", default=None, help=f"default: {DEMO_CONFIG}")
@@ -250,13 +271,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_eval or not cfg.run.export:
         return 0
     out = Path(result["out_dir"])
-    table, families = {}, out / "families"
+    table, values, samples, families = {}, {}, {}, out / "families"
     shutil.rmtree(families, ignore_errors=True)  # evaluate() resumes: start from nothing
     for name, temperature in (("greedy", 0.0), ("sampled", cfg.rollout.temperature)):
         for who, captioner in (("pretrained", pretrained), ("after_cro", out / "export")):
-            table[f"{who}/{name}"] = family_accuracy(cfg, captioner, families / f"{who}-{name}",
-                                                     temperature=temperature, data_dir=families / "data")
+            key = f"{who}/{name}"
+            table[key] = family_accuracy(cfg, captioner, families / f"{who}-{name}", temperature=temperature,
+                                         data_dir=families / "data")
+            values[key], samples[key] = value_accuracy(families / f"{who}-{name}", families / "data")
     (out / "families.json").write_text(json.dumps(table, indent=1))
+    (out / "values.json").write_text(json.dumps({"accuracy": values, "samples": samples}, indent=1))
     print(f"held-out accuracy of the frozen reasoner per question family, captions of <= "
           f"{cfg.rollout.max_caption_tokens} tokens (greedy | sampled at T={cfg.rollout.temperature}):")
     print(f"{'family':<16}{'pre-trained':>22}{'after CRO':>22}")
@@ -265,6 +289,16 @@ def main(argv: list[str] | None = None) -> int:
                  for who in ("pretrained", "after_cro")]
         seen = "" if family in SCENE_PRETRAIN_FAMILIES else "  (not asked in pre-training)"
         print(f"{family:<16}{cells[0]:>22}{cells[1]:>22}{seen}")
+    print("per asked value:")
+    for value in values["pretrained/greedy"]:
+        cells = [" | ".join(f"{values[f'{who}/{name}'].get(value, float('nan')):.2f}" for name in ("greedy", "sampled"))
+                 for who in ("pretrained", "after_cro")]
+        print(f"{value:<16}{cells[0]:>22}{cells[1]:>22}")
+    print("greedy captions after CRO (question -> caption -> the reasoner's answer):")
+    for value, lines in samples["after_cro/greedy"].items():
+        for line in lines:
+            print(f"  {value:<8} {line}")
+    print(f"written: {out / 'families.json'}, {out / 'values.json'}")
     return 0
 
 

@@ -268,10 +268,28 @@ def run_server(captioner: str, reasoner: str, out_dir: str, port: str) -> None:
             time.sleep(0.5)
         record["server_ready_s"] = time.monotonic() - t0
 
+    from racro_fast import parallel
+    from racro_fast.reasoner import ReasonerServer
+    real_free, real_server_init = parallel.free_cached_memory, ReasonerServer.__init__
+
+    def late_free() -> None:  # rank 1 returns its cached blocks 3 s late, the first time
+        if "freed_at" not in record:
+            time.sleep(3.0)
+            record["freed_at"] = time.time()
+        real_free()
+
+    def recorded_start(self, *a, **kw) -> None:
+        record.setdefault("server_started_at", time.time())
+        real_server_init(self, *a, **kw)
+
     if dist.rank() == 0:
         threading.Thread(target=watch, daemon=True).start()
         threading.Thread(target=ready, daemon=True).start()
+        ReasonerServer.__init__ = recorded_start
+    else:
+        parallel.free_cached_memory = late_free
     hist = train(cfg(out / "ok", 2))["history"]
+    parallel.free_cached_memory, ReasonerServer.__init__ = real_free, real_server_init
     record.update(ok_steps=[h["step"] for h in hist], ok_seconds=time.monotonic() - t0, server_pids=list(seen),
                   after_exit=_server_pids(int(port)))
     # 2) the server is killed after the step-2 checkpoint: the run must fail on every rank, fast

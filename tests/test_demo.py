@@ -8,7 +8,7 @@ from statistics import mean
 import pytest
 
 from racro_fast.demo import (SCENE_PRETRAIN_FAMILIES, UNKNOWN, _needed_key, demo_config, family_accuracy,
-                             prepare_demo_models, scene_answer, scene_reasoning)
+                             prepare_demo_models, scene_answer, scene_reasoning, value_accuracy)
 from racro_fast.prompts import clean_problem
 from racro_fast.synth import FAMILIES, make_rows
 from racro_fast.train import train
@@ -96,3 +96,10 @@ def test_cro_lifts_every_family_also_those_not_in_pretraining(demo, tmp_path):
         assert after[family] >= 1.5 * before[family] and after[family] >= before[family] + 0.1, \
             f"{family}: {before[family]:.2f} -> {after[family]:.2f}; before {before}, after {after}"
     assert mean(after.values()) >= 2 * mean(before.values()), f"before {before}, after {after}"
+    # the per-value table the demo prints and writes (values.json): every asked value, from the same records
+    values, samples = value_accuracy(tmp_path / "after", tmp_path / "data")
+    assert list(values) == ["count", "big", "small", "square", "bar", "pillar", "solid", "hollow"], values
+    assert values["count"] == after["count"] and all(0.0 <= a <= 1.0 for a in values.values()), values
+    for family, (a, b) in {"colour_of_size": ("big", "small"), "colour_of_fill": ("solid", "hollow")}.items():
+        assert min(values[a], values[b]) <= after[family] <= max(values[a], values[b]), (family, values, after)
+    assert all(1 <= len(lines) <= 3 and " -> " in lines[0] for lines in samples.values()), samples

@@ -258,6 +258,8 @@ def test_two_ranks_one_reasoner_server(tmp_path, tiny_captioner_dir, tiny_reason
     - local rank 0 starts it, both ranks' requests are answered by that one process (its access log
       counts every caption of both ranks), and it is gone when train() returns;
     - under the shortest collective timeout the config allows beside its reasoner deadline;
+    - the server starts only once every rank has returned its cached blocks to the device (rank 1
+      returns them 3 s late here): another process's cache counts as used in vLLM's start-up check;
     - killed mid-run, the step fails on both ranks with a clear error well within the 60 s the test
       allows, no process of the server is left, and the checkpoints already written stay complete.
     """
@@ -270,6 +272,8 @@ def test_two_ranks_one_reasoner_server(tmp_path, tiny_captioner_dir, tiny_reason
         assert r["after_exit"] == [], f"rank {r['rank']}: a server process outlived train(): {r['after_exit']}"
 
     assert len(r0["server_pids"]) >= 1, "rank 0 never saw its server process"
+    assert r0["server_started_at"] >= r1["freed_at"], \
+        f"the server started {r1['freed_at'] - r0['server_started_at']:.1f} s before rank 1 had freed its cache"
     log = (tmp_path / "ok" / "reasoner_server_rank0.log").read_text()
     assert not (tmp_path / "ok" / "reasoner_server_rank1.log").exists(), "rank 1 started a server of its own"
     n = log.count("POST /v1/completions")
