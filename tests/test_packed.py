@@ -279,23 +279,6 @@ def flash_attn_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     return out
 
 
-def test_flash_varlen_call_matches_the_segment_loop(tiny):
-    """The arguments the CUDA path hands flash_attn_varlen_func (shapes, cu_seqlens, gathered keys,
-    causal alignment, GQA), run through a plain-torch rendering of its contract: the same output as
-    the SDPA segment loop that the CPU forward uses."""
-    from racro_fast.packed import varlen_attention
-    model, tok, proc = tiny
-    samples = make_samples(tok, proc, [1, 2], G=3)
-    layout = pack(model, samples, group_samples(samples), CPU, cache_vision=False).layout
-    T, H, Hkv, d = int(layout.cu_q[-1]), 4, 2, 16
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, n, T, d, generator=g) for n in (H, Hkv, Hkv))
-    loop = varlen_attention(q, k, v, layout, scale=d ** -0.5)
-    flash = varlen_attention(q, k, v, layout, scale=d ** -0.5, flash=flash_attn_varlen_reference)
-    assert loop.shape == flash.shape == (1, T, H, d)
-    assert_close(flash, loop, 1e-5, "attention output")
-
-
 def torch_varlen_attn_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
                                 window_size=(-1, -1), enable_gqa=False, **unused):
     """torch.nn.attention.varlen.varlen_attn's contract as its docstring states it, in plain torch:
@@ -310,10 +293,13 @@ def torch_varlen_attn_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, ma
                                        softmax_scale=scale, causal=window_size == (-1, 0))
 
 
-def test_torch_varlen_call_matches_the_segment_loop(tiny):
-    """Without flash-attn the CUDA path calls torch's varlen_attn: the arguments it gets (causal as a
-    window, GQA flag, scale) through a plain-torch rendering of its contract give the loop's output;
-    and the torch installed here has the function with those keywords."""
+@pytest.mark.parametrize("call", ["flash_attn", "torch_varlen_attn"])
+def test_varlen_call_matches_the_segment_loop(tiny, call):
+    """The arguments the CUDA path hands its varlen call (shapes, cu_seqlens, gathered keys, causal
+    alignment, GQA, scale) run through a plain-torch rendering of the call's documented contract give
+    the output of the SDPA segment loop that the CPU forward uses: flash-attn's flash_attn_varlen_func,
+    and, where flash-attn is absent, torch's varlen_attn (causal as a window, the GQA flag), which the
+    torch installed here has with those keywords."""
     import inspect
 
     from racro_fast.packed import _torch_varlen, varlen_attention, varlen_attn_fn
@@ -324,9 +310,11 @@ def test_torch_varlen_call_matches_the_segment_loop(tiny):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, n, T, d, generator=g) for n in (H, Hkv, Hkv))
     loop = varlen_attention(q, k, v, layout, scale=d ** -0.5)
-    via_torch = varlen_attention(q, k, v, layout, scale=d ** -0.5, flash=_torch_varlen(torch_varlen_attn_reference))
-    assert_close(via_torch, loop, 1e-5, "attention output")
-    real = varlen_attn_fn()
-    assert real is not None, "torch >= 2.10 ships torch.nn.attention.varlen.varlen_attn"
-    params = inspect.signature(real).parameters
-    assert {"scale", "window_size", "enable_gqa"} <= set(params), list(params)
+    flash = flash_attn_varlen_reference if call == "flash_attn" else _torch_varlen(torch_varlen_attn_reference)
+    varlen = varlen_attention(q, k, v, layout, scale=d ** -0.5, flash=flash)
+    assert loop.shape == varlen.shape == (1, T, H, d)
+    assert_close(varlen, loop, 1e-5, "attention output")
+    if call == "torch_varlen_attn":
+        real = varlen_attn_fn()
+        assert real is not None, "torch >= 2.10 ships torch.nn.attention.varlen.varlen_attn"
+        assert {"scale", "window_size", "enable_gqa"} <= set(inspect.signature(real).parameters)
