@@ -201,8 +201,9 @@ def _step_of(line: str) -> float:
 
 def collapse_signal(history: list[dict], window: int = 10) -> str:
     """Why the policy looks like it is collapsing, or "": over the last `window` steps the mean caption
-    length or the entropy fell below a quarter of what it was over the first `window` steps, while
-    the reward did not rise (by more than 0.05) above its level there."""
+    length or the entropy fell below a quarter of what it was over the first `window` steps, or the
+    entropy rose above 4 times it (the captions dissolving into noise: an entropy bonus too strong),
+    while the reward did not rise (by more than 0.05) above its level there."""
     if len(history) < 2 * window:
         return ""
     first, last = history[:window], history[-window:]
@@ -217,6 +218,10 @@ def collapse_signal(history: list[dict], window: int = 10) -> str:
         if before > 0 and now < 0.25 * before:
             return (f"{label} fell from {before:.3g} to {now:.3g} while the reward stayed at "
                     f"{mean(last, 'reward_mean'):.3f} (train.min_caption_tokens sets a floor)")
+    before, now = mean(first, "entropy_mean"), mean(last, "entropy_mean")
+    if before > 0 and now > 4.0 * before:
+        return (f"the entropy rose from {before:.3g} to {now:.3g} while the reward stayed at "
+                f"{mean(last, 'reward_mean'):.3f} (loss.entropy_coef may be too large)")
     return ""
 
 

@@ -20,6 +20,13 @@ def test_entropy_vanishing_at_chance_trips_it():
     assert why.startswith("the entropy fell from 2 to 0.1"), why
 
 
+def test_entropy_exploding_at_chance_trips_it():
+    """What `racro-fast demo loss.entropy_coef=0.05 rollout.temperature=1.0 train.steps=300` did: the
+    entropy rose from about 0.85 to 5 and the captions became ' to to to to to', the reward fell."""
+    why = collapse_signal(run([5.0] * 30, [0.12] * 10 + [0.4] * 10 + [0.07] * 10, [0.85] * 10 + [2.0] * 10 + [5.0] * 10))
+    assert why.startswith("the entropy rose from 0.85 to 5 while the reward stayed at 0.070"), why
+
+
 def test_learning_or_too_early_does_not():
     assert collapse_signal(run([12.0] * 10 + [2.0] * 20, [0.25] * 10 + [0.9] * 20)) == "", "the reward rose: shorter is fine"
     assert collapse_signal(run([12.0] * 10 + [1.0] * 9, [0.2] * 19)) == "", "fewer than two windows of steps"
