@@ -515,10 +515,17 @@ def reasoner_sequences(cfg, reasoner: ModelSize, total: float, gpus_per_node: in
     return max(0, int(per_gpu // per_request)) * reasoner_replicas(cfg, gpus_per_node)
 
 
+# requests a rank keeps in flight when no memory plan sizes it (no GPU, or a reasoner not on these GPUs)
+DEFAULT_INFLIGHT = 64
+
+
 def inflight_per_rank(cfg, sequences: int, ranks_per_node: int) -> int:
-    """rollout.reasoner_max_inflight, or the node server's sequences shared by the node's ranks."""
+    """rollout.reasoner_max_inflight, or the node server's sequences (from the memory plan) shared by
+    the node's ranks, or DEFAULT_INFLIGHT without a plan (sequences 0)."""
     if cfg.rollout.reasoner_max_inflight:
         return cfg.rollout.reasoner_max_inflight
+    if not sequences:
+        return DEFAULT_INFLIGHT
     return max(1, sequences // max(1, ranks_per_node))
 
 

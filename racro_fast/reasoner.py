@@ -160,7 +160,7 @@ class ServerEngine:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.url, self.tokenizer, self.timeout = url.rstrip("/"), tokenizer, timeout
-        self.server, self.concurrency, self.managed = server, concurrency, managed
+        self.server, self.concurrency = server, concurrency
         self.sleep_mode = managed and torch.cuda.is_available()
         self.contract = SleepContract(name, self, in_process=False) if managed else None
         if managed and not self.sleep_mode:

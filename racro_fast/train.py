@@ -226,8 +226,7 @@ def build_reasoner(cfg: Config, device: torch.device, out_dir: Path, plan: dict 
                           gpu_memory_utilization=r.reasoner_gpu_fraction, tensor_parallel_size=r.reasoner_tp,
                           data_parallel_size=r.reasoner_dp, seed=cfg.train.seed,
                           start_timeout=r.reasoner_start_timeout, timeout=r.reasoner_timeout, log_dir=out_dir)
-    inflight = parallel.inflight_per_rank(cfg, plan["reasoner_sequences"], dist.local_world_size()) \
-        if plan and plan["reasoner_sequences"] else (r.reasoner_max_inflight or 64)
+    inflight = parallel.inflight_per_rank(cfg, plan["reasoner_sequences"] if plan else 0, dist.local_world_size())
     return build_reasoner_engine(cfg.model.reasoner, r.reasoner_engine, url=r.reasoner_url,
                                  dtype=getattr(torch, cfg.model.dtype), device=device, batch_size=inflight,
                                  timeout=r.reasoner_timeout, seed=cfg.train.seed, launch=launch)
