@@ -129,6 +129,15 @@ def _healthy(url: str) -> bool:
         return False
 
 
+class _DeadlinePassed(Exception):
+    """A request of a `generate` call not answered by the call's deadline."""
+
+
+def _is_timeout(e: BaseException) -> bool:
+    import urllib.error
+    return isinstance(e, TimeoutError) or (isinstance(e, urllib.error.URLError) and isinstance(e.reason, TimeoutError))
+
+
 def _http_json(method: str, url: str, payload: dict | None, timeout: float) -> dict:
     import json
     import urllib.request
@@ -197,7 +206,7 @@ class ServerEngine:
         def one(i: int) -> list[GenOutput]:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError("the deadline passed before the request was sent")
+                raise _DeadlinePassed()
             payload = {"model": self.model, "prompt": requests[i].prompt_ids, "n": sampling.n,
                        "temperature": sampling.temperature, "top_p": sampling.top_p,
                        "max_tokens": sampling.max_tokens, "return_token_ids": True, "skip_special_tokens": True}
@@ -205,7 +214,13 @@ class ServerEngine:
                 payload["logprobs"] = 0  # the sampled token's log-prob only
             if sampling.seed is not None:
                 payload["seed"] = sampling.seed + i * sampling.n
-            out = _http_json("POST", f"{self.url}/v1/completions", payload, left)
+            try:
+                out = _http_json("POST", f"{self.url}/v1/completions", payload, left)
+            except Exception as e:
+                # the socket timeout is the time left: a timeout then is the deadline, not a fault
+                if _is_timeout(e) and time.monotonic() >= deadline - 0.05:
+                    raise _DeadlinePassed() from e
+                raise
             choices = sorted(out["choices"], key=lambda c: c["index"])
             return [GenOutput(token_ids=list(c["token_ids"]),
                               logprobs=list(c["logprobs"]["token_logprobs"]) if sampling.logprobs else [],
@@ -216,11 +231,13 @@ class ServerEngine:
         try:
             futures = [pool.submit(one, i) for i in range(len(requests))]
             done, pending = wait(futures, timeout=max(0.0, deadline - time.monotonic()), return_when=FIRST_EXCEPTION)
-            failed = next((f for f in futures if f in done and f.exception() is not None), None)
+            failed = next((f for f in futures if f in done and f.exception() is not None
+                           and not isinstance(f.exception(), _DeadlinePassed)), None)
             if failed is not None:  # any error of any request: URLError, http.client's, bad JSON, ...
                 raise self._fail("generate", failed.exception())
-            if pending:
-                raise ReasonerError(f"reasoner server at {self.url}: {len(pending)} of {len(requests)} requests "
+            unanswered = [f for f in futures if f not in done or f.exception() is not None]
+            if unanswered:
+                raise ReasonerError(f"reasoner server at {self.url}: {len(unanswered)} of {len(requests)} requests "
                                     f"unanswered at the phase's deadline of {self.timeout:g} s "
                                     "(rollout.reasoner_timeout)")
             return [f.result() for f in futures]

@@ -404,3 +404,84 @@ def test_server_engine_fails_fast_on_a_dead_server(reasoner_tok, text_requests) 
     with pytest.raises(ReasonerError, match=f"reasoner server at http://127.0.0.1:{port}"):
         ServerEngine(f"http://127.0.0.1:{port}", reasoner_tok, timeout=5)
 
+
+
+class _Slow:
+    """A stdlib HTTP server with vLLM's /v1/models and /v1/completions shapes whose completions take
+    `delay` seconds: the client's deadline logic is what is under test, not the server."""
+
+    def __init__(self, delay: float) -> None:
+        import json
+        import threading
+        import time
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _send(self, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except OSError:  # the client gave up at its deadline
+                    pass
+
+            def do_GET(self) -> None:
+                self._send({"data": [{"id": "slow"}]})
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                time.sleep(delay)
+                self._send({"choices": [{"index": 0, "token_ids": [5, 6], "finish_reason": "stop"}]})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class _Ids:
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("late", [0.0, 0.3])
+def test_requests_past_the_deadline_are_reported_as_the_deadline(monkeypatch, late) -> None:
+    """A request whose socket timeout (the time left) fires at the deadline, or that is due to be
+    sent once the deadline has passed, is an unanswered request of that deadline, whichever thread
+    sees the deadline first: never a bare timeout error. `late`: the calling thread wakes that
+    much after the deadline (a loaded host), so the request threads see it first."""
+    import concurrent.futures
+    import time
+
+    from racro_fast.reasoner import ReasonerError, ServerEngine
+    real_wait = concurrent.futures.wait
+
+    def late_wait(fs, timeout=None, return_when=concurrent.futures.ALL_COMPLETED):
+        if timeout is not None and late:
+            time.sleep(timeout + late)
+            return real_wait(fs, timeout=0, return_when=return_when)
+        return real_wait(fs, timeout=timeout, return_when=return_when)
+
+    monkeypatch.setattr(concurrent.futures, "wait", late_wait)
+    server = _Slow(delay=0.1)
+    try:
+        engine = ServerEngine(server.url, _Ids(), timeout=0.35, concurrency=1)
+        sampling = SamplingConfig(n=1, temperature=0.0, max_tokens=4, logprobs=False)
+        assert [o[0].token_ids for o in engine.generate([GenRequest(prompt_ids=[1, 2])], sampling)] == [[5, 6]]
+        t0 = time.monotonic()
+        with pytest.raises(ReasonerError, match=r"of 12 requests unanswered at the phase's deadline of 0.35 s "
+                                                r"\(rollout.reasoner_timeout\)"):
+            engine.generate([GenRequest(prompt_ids=[1, 2])] * 12, sampling)
+        assert time.monotonic() - t0 < 0.35 + late + 1.0
+    finally:
+        server.close()
