@@ -87,17 +87,20 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, scal
         return o.unsqueeze(0)
     H, Hkv = q.shape[1], k.shape[1]
     gqa = H != Hkv
+    # split, not a slice per segment: the backward of a slice writes into zeros of the whole row
+    # (S segments cost S rows' memory traffic), one split's backward is one concatenation
+    len_q = [b - a for a, b in zip(layout.cu_q, layout.cu_q[1:])]
+    len_k = [b - a for a, b in zip(layout.cu_k, layout.cu_k[1:])]
     out = []
-    for i in range(len(layout.cu_q) - 1):
-        q0, q1, k0, k1 = layout.cu_q[i], layout.cu_q[i + 1], layout.cu_k[i], layout.cu_k[i + 1]
-        if q1 == q0:
+    for qs, ks, vs in zip(q[0].split(len_q, dim=1), kc.split(len_k, dim=1), vc.split(len_k, dim=1)):
+        # (H, Lq, d), (Hkv, Lk, d)
+        if qs.shape[1] == 0:
             continue
-        qs, ks, vs = q[0, :, q0:q1], kc[:, k0:k1], vc[:, k0:k1]  # (H, Lq, d), (Hkv, Lk, d)
-        if q1 - q0 == k1 - k0:
+        if qs.shape[1] == ks.shape[1]:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, dropout_p=dropout,
                                                enable_gqa=gqa)
         else:
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=layout.mask(q1 - q0, k1 - k0, q.device),
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=layout.mask(qs.shape[1], ks.shape[1], q.device),
                                                scale=scale, dropout_p=dropout, enable_gqa=gqa)
         out.append(o)  # (H, Lq, d)
     return torch.cat(out, dim=1).transpose(0, 1).unsqueeze(0)  # (1, T, H, d)
