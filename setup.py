@@ -24,7 +24,7 @@ setup(
     ],
     extras_require={
         "gpu": ["vllm>=0.33", "flash-attn", "liger-kernel", "deepspeed"],
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "liger-kernel", "psutil"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "liger-kernel", "psutil", "trl==1.16.0"],
         "log": ["tensorboard", "wandb"],
     },
     entry_points={"console_scripts": ["racro-fast=racro_fast.cli:main"]},
