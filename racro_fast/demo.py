@@ -1,8 +1,8 @@
 """The CPU demo: `racro-fast demo` builds (or reuses) a tiny captioner and reasoner, trains the
 captioner with GRPO, then scores it per question family against the captioner it started from.
 
-    racro-fast demo                                   # configs/demo_cpu.yaml: about 4 min on 2 cores
-                                                      # (and 4 more the first time, building the models)
+    racro-fast demo                                   # configs/demo_cpu.yaml: about 3 min on 2 cores
+                                                      # (and 6 more the first time, building the models)
     racro-fast demo train.steps=20 run.output_dir=runs/short
     racro-fast demo --no-eval
 
@@ -18,13 +18,17 @@ solid or hollow; every question needs one fact of the scene):
   When the caption does not state that fact it answers "unknown", which is never right: it does
   not guess, so a caption earns its reward only by stating what the question needs. It never sees
   an image, and is frozen, as in RACRO.
-- captioner: a two-layer Qwen2.5-VL pre-trained on generic captions that state every fact of a
-  scene, in any order, for questions of two families only (SCENE_PRETRAIN_FAMILIES). It perceives,
-  but the question does not change what it says, and under the 5-token caption budget of
-  configs/demo_cpu.yaml only one fact fits: which one is what CRO has to teach, on all four
-  families.
+- captioner: a two-layer Qwen2.5-VL (embeddings tied, as in Qwen2.5-VL-3B) pre-trained on generic
+  captions that state every fact of a scene, for questions of two families only
+  (SCENE_PRETRAIN_FAMILIES): first in the canonical order, then in a random order, where a quarter
+  of the captions (ASKED_FIRST) state the fact their question asks first, as an instruction-tuned
+  captioner's habit of mentioning what it is asked about. Under the 5-token caption budget of
+  configs/demo_cpu.yaml one or two facts fit: choosing them is what CRO has to teach, from the reasoner's
+  verdicts alone, on all four families, two of which (count, colour_of_fill) pre-training never asked.
 
-The cache key covers everything that changes the models; `RACRO_FAST_CACHE` moves the cache.
+The reasoner (with the tokenizer) and the captioner are cached apart, each under a key that covers
+everything that changes it; `RACRO_FAST_CACHE` moves the cache. The pre-trained captioner's held-out
+scores are kept beside it (pretrained_accuracy), so a second run scores only the trained one.
 """
 from __future__ import annotations
 
@@ -37,10 +41,12 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from PIL import Image
+from transformers import AutoTokenizer
 
 from racro_fast.config import load_config
 from racro_fast.engines import GenRequest, HFEngine, SamplingConfig
@@ -56,7 +62,11 @@ from racro_fast.train import train
 
 log = logging.getLogger("racro_fast.demo")
 
-VERSION = 4  # bump when the recipe below changes
+REASONER_VERSION = 1  # bump when the tokenizer or reasoner recipe below changes
+CAPTIONER_VERSION = 1  # bump when the captioner recipe below changes
+# the share of the captioner's pre-training captions (in random fact order) that state the fact
+# their question asks first
+ASKED_FIRST = 0.25
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml"
 
 
@@ -173,9 +183,11 @@ def _scene_reasoner_examples(tok, rows: list[dict], rng: random.Random, n: int, 
     return examples
 
 
-def _scene_captioner_examples(tok, image_processor, rows: list[dict], rng: random.Random) -> tuple[list, list]:
-    """Generic captions of every fact: in the canonical order, and in a random order. A caption
-    starts with a space, so its first fact's key is the token the question has (" big", not "big")."""
+def _scene_captioner_examples(tok, image_processor, rows: list[dict], rng: random.Random,
+                              asked_first: float) -> tuple[list, list]:
+    """Generic captions of every fact: in the canonical order, and in a random order, where a share
+    `asked_first` of them puts the fact the row's question asks first. A caption starts with a
+    space, so its first fact's key is the token the question has (" big", not "big")."""
     fixed, shuffled = [], []
     eos = [tok.eos_token_id]
     for row in rows:
@@ -185,6 +197,9 @@ def _scene_captioner_examples(tok, image_processor, rows: list[dict], rng: rando
                   "image_grid_thw": inputs.image_grid_thw}
         fixed.append((prompt, tok.encode(" " + " ".join(row["facts"]), add_special_tokens=False) + eos))
         order = rng.sample(row["facts"], len(row["facts"]))
+        if rng.random() < asked_first:
+            order.remove(row["needs"])
+            order.insert(0, row["needs"])
         shuffled.append((prompt, tok.encode(" " + " ".join(order), add_special_tokens=False) + eos))
     return fixed, shuffled
 
@@ -211,46 +226,73 @@ def demo_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def _held_out(cfg, data_dir: Path, n: int) -> list[Path]:
+    """The held-out scenes, a file per family, written to data_dir unless there already."""
+    files = []
+    for family in FAMILIES:
+        files.append(data_dir / f"{family}_{n}.parquet")
+        if not files[-1].exists():
+            write_synth(str(files[-1]), n, task="scene", seed=cfg.train.seed + 4242, size=cfg.data.image_size,
+                        families=[family])
+    return files
+
+
 def family_accuracy(cfg, captioner: str | Path, out_dir: str | Path, n: int = 128,
                     temperature: float = 0.0, data_dir: str | Path | None = None) -> dict[str, float]:
     """The frozen demo reasoner's accuracy per question family on n held-out scenes each (rows no
-    model saw: another seed), reading `captioner`'s captions under the run's caption budget.
-    The scenes are written to data_dir (default out_dir/data) once and reused by later calls."""
-    out_dir = Path(out_dir)
-    data_dir = Path(data_dir) if data_dir is not None else out_dir / "data"
-    acc = {}
-    for family in FAMILIES:
-        data = data_dir / f"{family}_{n}.parquet"
-        if not data.exists():
-            write_synth(str(data), n, task="scene", seed=cfg.train.seed + 4242, size=cfg.data.image_size,
-                        families=[family])
-        res = evaluate(EvalConfig(captioner, [cfg.model.reasoner], [data], modes=["caption"], out_dir=out_dir / family,
-                                  engine="hf", caption_temperature=temperature, reasoner_temperature=0.0,
-                                  max_caption_tokens=cfg.rollout.max_caption_tokens,
-                                  max_reasoner_tokens=cfg.rollout.max_reasoner_tokens, seed=cfg.train.seed))
-        ((_, columns),) = res["accuracy"].items()
-        acc[family] = columns[f"{Path(cfg.model.reasoner).name}/caption"]
-    return acc
+    model saw: another seed), reading `captioner`'s captions under the run's caption budget: one
+    evaluation over a file per family (benchmark "<family>_<n>"). The scenes are written to data_dir
+    (default out_dir/data) once and reused by later calls."""
+    files = _held_out(cfg, Path(data_dir) if data_dir is not None else Path(out_dir) / "data", n)
+    res = evaluate(EvalConfig(captioner, [cfg.model.reasoner], files, modes=["caption"], out_dir=str(out_dir),
+                              engine="hf", caption_temperature=temperature, reasoner_temperature=0.0,
+                              max_caption_tokens=cfg.rollout.max_caption_tokens,
+                              max_reasoner_tokens=cfg.rollout.max_reasoner_tokens, seed=cfg.train.seed))
+    column = f"{Path(cfg.model.reasoner).name}/caption"
+    return {family: res["accuracy"][f"{family}_{n}"][column] for family in FAMILIES}
 
 
 def value_accuracy(eval_dir: str | Path, data_dir: str | Path, n: int = 128) -> tuple[dict[str, float], dict]:
     """Accuracy per asked value (big, small, square, bar, pillar, solid, hollow; "count" for the count
-    questions) from the records `family_accuracy` wrote under eval_dir, and up to 3 sample captions
+    questions) from the records `family_accuracy` wrote to eval_dir, and up to 3 sample captions
     per value. A habit per family shows here as one value high and its twin near zero."""
+    questions = {(f"{family}_{n}", it.id): it.question for family in FAMILIES
+                 for it in load_benchmark(Path(data_dir) / f"{family}_{n}.parquet").items}
     hits: dict[str, list[bool]] = {}
     samples: dict[str, list[str]] = {}
-    for family in FAMILIES:
-        items = {it.id: it for it in load_benchmark(Path(data_dir) / f"{family}_{n}.parquet").items}
-        for line in (Path(eval_dir) / family / "records.jsonl").read_text().splitlines():
-            rec = json.loads(line)
-            question = items[rec["id"]].question
-            value = _needed_key(question) or "count"
-            hits.setdefault(value, []).append(bool(rec["verdict"]))
-            if len(samples.setdefault(value, [])) < 3:
-                samples[value].append(f"{clean_problem(question)} -> {rec['caption']!r} -> {rec['extracted']}")
+    for line in (Path(eval_dir) / "records.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        question = questions[rec["benchmark"], rec["id"]]
+        value = _needed_key(question) or "count"
+        hits.setdefault(value, []).append(bool(rec["verdict"]))
+        if len(samples.setdefault(value, [])) < 3:
+            samples[value].append(f"{clean_problem(question)} -> {rec['caption']!r} -> {rec['extracted']}")
     order = ["count", *_VALUES]
     return ({v: sum(hits[v]) / len(hits[v]) for v in order if v in hits},
             {v: samples[v] for v in order if v in samples})
+
+
+def pretrained_accuracy(cfg, captioner: str, out_dir: Path, temperature: float, data_dir: Path,
+                        n: int = 128) -> dict[str, float]:
+    """family_accuracy of the cached pre-trained `captioner`, itself cached beside it: its evaluation
+    directory is kept under <captioner cache>/scores and copied to out_dir on later runs."""
+    key = json.dumps({"n": n, "temperature": temperature, "budget": cfg.rollout.max_caption_tokens,
+                      "reasoner_tokens": cfg.rollout.max_reasoner_tokens, "seed": cfg.train.seed,
+                      "size": cfg.data.image_size}, sort_keys=True)
+    store = Path(captioner).parent / "scores" / hashlib.sha1(key.encode()).hexdigest()[:12]
+    if not (store / "accuracy.json").exists():
+        acc = family_accuracy(cfg, captioner, out_dir, n=n, temperature=temperature, data_dir=data_dir)
+        tmp = store.with_name(store.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out_dir, tmp)
+        (tmp / "accuracy.json").write_text(json.dumps(acc))
+        if not store.exists():
+            os.replace(tmp, store)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return acc
+    shutil.copytree(store, out_dir, dirs_exist_ok=True)
+    _held_out(cfg, data_dir, n)  # the scenes value_accuracy reads the questions from
+    return json.loads((store / "accuracy.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,10 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     table, values, samples, families = {}, {}, {}, out / "families"
     shutil.rmtree(families, ignore_errors=True)  # evaluate() resumes: start from nothing
     for name, temperature in (("greedy", 0.0), ("sampled", cfg.rollout.temperature)):
-        for who, captioner in (("pretrained", pretrained), ("after_cro", out / "export")):
-            key = f"{who}/{name}"
-            table[key] = family_accuracy(cfg, captioner, families / f"{who}-{name}", temperature=temperature,
-                                         data_dir=families / "data")
+        for who in ("pretrained", "after_cro"):
+            key, where = f"{who}/{name}", families / f"{who}-{name}"
+            table[key] = (pretrained_accuracy(cfg, pretrained, where, temperature, families / "data") if who == "pretrained"
+                          else family_accuracy(cfg, out / "export", where, temperature=temperature,
+                                               data_dir=families / "data"))
             values[key], samples[key] = value_accuracy(families / f"{who}-{name}", families / "data")
     (out / "families.json").write_text(json.dumps(table, indent=1))
     (out / "values.json").write_text(json.dumps({"accuracy": values, "samples": samples}, indent=1))
@@ -302,36 +345,52 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def prepare_demo_models(cfg) -> tuple[str, str]:
-    """Build (or reuse from the cache) the demo captioner and reasoner; returns their paths."""
-
-    if cfg.data.synth_task != "scene":
-        raise ValueError(f"data.synth_task: the tiny demo models are built for 'scene', got {cfg.data.synth_task!r}")
-    seed, budget = cfg.train.seed, cfg.rollout.max_caption_tokens
-    key = json.dumps({"v": VERSION, "size": cfg.data.image_size, "seed": seed, "budget": budget,
-                      "min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels}, sort_keys=True)
-    root = cache_root() / f"demo-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-    cap_dir, rsn_dir = root / "captioner", root / "reasoner"
+def _cached(kind: str, key: dict, build) -> Path:
+    """The cache directory for `key`, built once by build(tmp_dir) into a temporary directory that
+    then replaces it whole (a process that finds DONE reuses it; two builders race harmlessly)."""
+    text = json.dumps(key, sort_keys=True)
+    root = cache_root() / f"demo-{kind}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
     if (root / "DONE").exists():
-        return str(cap_dir), str(rsn_dir)
-
-    log.info("building the tiny demo models in %s (once)", root)
+        return root
+    log.info("building the tiny demo %s in %s (once)", kind, root)
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    start = time.monotonic()
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (tmp / "DONE").write_text(text)
+    if root.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, root)
+    log.info("demo %s built in %.0f s", kind, time.monotonic() - start)
+    return root
+
+
+def _scene_rows(cfg) -> tuple[list[dict], list[dict]]:
+    """Scenes of other seeds than the training rows' (the models never see the demo's own images):
+    rows of every family, and the captioner's pre-training rows of SCENE_PRETRAIN_FAMILIES."""
+    seed, size = cfg.train.seed, cfg.data.image_size
+    return (make_rows("scene", 1024, seed=seed + 10_000, size=size),
+            make_rows("scene", 1024, seed=seed + 20_000, size=size, families=SCENE_PRETRAIN_FAMILIES))
+
+
+def _build_reasoner(tmp: Path, cfg) -> None:
+    """The scene tokenizer and the frozen reasoner, trained on captions of the budget's form."""
+    seed, budget = cfg.train.seed, cfg.rollout.max_caption_tokens
+    rows, _ = _scene_rows(cfg)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    # scenes of other seeds than the training rows': the models never see the demo's own images
-    rows = make_rows("scene", 1024, seed=seed + 10_000, size=cfg.data.image_size)
-    pretrain_rows = make_rows("scene", 1024, seed=seed + 20_000, size=cfg.data.image_size,
-                              families=SCENE_PRETRAIN_FAMILIES)
     # the scene words get tokens of their own ("unknown" among them: one token for the abstention)
     questions = sorted({clean_problem(r["problem"]) for r in rows})
     extra = [r["caption"] for r in rows[:300]] + questions * 4
     extra += [scene_reasoning(r["caption"], q) for r in rows[:100] for q in questions[:8]]
     extra += [f"The {v} {UNKNOWN}. \\boxed{{{UNKNOWN}}}" for v in _VALUES] * 4
     tok = build_tokenizer(tmp / "tokenizer", vocab_size=320, extra=extra)
-
     # reasoner: caption + question -> one restating step and \boxed{answer}, from the caption's facts
     # (a key/value head per query head: with one shared, the look-up takes twice the steps to form)
     reasoner = build_reasoner(tmp / "reasoner", tok, seed=seed, kv_heads=2)
@@ -343,19 +402,36 @@ def prepare_demo_models(cfg) -> tuple[str, str]:
              *_reasoner_agreement(reasoner, tok, rows, random.Random(seed + 7), budget))
     reasoner.save_pretrained(str(tmp / "reasoner"))
 
-    # captioner: every fact of a scene in generic captions, for questions of two families only
-    captioner, image_processor = build_captioner(tmp / "captioner", tok, seed=seed, kv_heads=2)
+
+def _build_captioner(tmp: Path, cfg, tokenizer_dir: Path) -> None:
+    """The captioner before CRO: every fact of a scene in generic captions, for questions of
+    SCENE_PRETRAIN_FAMILIES only."""
+    seed = cfg.train.seed
+    _, pretrain_rows = _scene_rows(cfg)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(seed)
+    rng = random.Random(seed + 1)
+    captioner, image_processor = build_captioner(tmp / "captioner", tok, seed=seed, kv_heads=2, tied=True)
     image_processor.min_pixels, image_processor.max_pixels = cfg.model.min_pixels, cfg.model.max_pixels
-    fixed, shuffled = _scene_captioner_examples(tok, image_processor, pretrain_rows, rng)
+    image_processor.save_pretrained(str(tmp / "captioner"))
+    fixed, shuffled = _scene_captioner_examples(tok, image_processor, pretrain_rows, rng, ASKED_FIRST)
     loss = _sft(captioner, fixed, steps=1500, batch=16, lr=1e-3, seed=seed + 1, pad_id=tok.pad_token_id,
                 what="captioner")
     loss = _sft(captioner, shuffled, steps=300, batch=16, lr=1e-3, seed=seed + 2, pad_id=tok.pad_token_id,
                 what="captioner (facts in random order)")
     log.info("demo captioner pre-trained: final loss %.4f", loss)
     captioner.save_pretrained(str(tmp / "captioner"))
-    (tmp / "DONE").write_text(key)
-    if root.exists():  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, root)
-    return str(cap_dir), str(rsn_dir)
+
+
+def prepare_demo_models(cfg) -> tuple[str, str]:
+    """Build (or reuse from the cache) the demo captioner and reasoner; returns their paths. They are
+    cached apart: a change to the captioner's recipe keeps the reasoner (and its tokenizer)."""
+    if cfg.data.synth_task != "scene":
+        raise ValueError(f"data.synth_task: the tiny demo models are built for 'scene', got {cfg.data.synth_task!r}")
+    reasoner_key = {"v": REASONER_VERSION, "size": cfg.data.image_size, "seed": cfg.train.seed,
+                    "budget": cfg.rollout.max_caption_tokens}
+    rsn = _cached("reasoner", reasoner_key, lambda tmp: _build_reasoner(tmp, cfg))
+    captioner_key = {"v": CAPTIONER_VERSION, "reasoner": reasoner_key, "asked_first": ASKED_FIRST, "min_pixels": cfg.model.min_pixels,
+                     "max_pixels": cfg.model.max_pixels}
+    cap = _cached("captioner", captioner_key, lambda tmp: _build_captioner(tmp, cfg, rsn / "tokenizer"))
+    return str(cap / "captioner"), str(rsn / "reasoner")

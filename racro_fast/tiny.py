@@ -170,10 +170,11 @@ def _token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
 
 
 def build_captioner(
-    out_dir: str | Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0, kv_heads: int = 1
+    out_dir: str | Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0, kv_heads: int = 1, tied: bool = False
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil]:
     """A two-layer Qwen2.5-VL with random weights; model, image processor and tokenizer saved to out_dir.
-    kv_heads as in build_reasoner.
+    kv_heads as in build_reasoner; tied=True shares the input embedding with the output head (as
+    Qwen2.5-VL-3B does; the 7B unties them).
 
     The image processor is the PIL one (no torchvision on CPU); 56x56 images give
     16 patches, merged 2x2 into 4 image tokens; at most 112x112 pixels (16 tokens).
@@ -213,7 +214,7 @@ def build_captioner(
         vision_end_token_id=ids["<|vision_end|>"],
         eos_token_id=ids[EOS_TOKEN],
         pad_token_id=ids[PAD_TOKEN],
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
