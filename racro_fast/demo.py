@@ -275,24 +275,20 @@ def value_accuracy(eval_dir: str | Path, data_dir: str | Path, n: int = 128) -> 
 def pretrained_accuracy(cfg, captioner: str, out_dir: Path, temperature: float, data_dir: Path,
                         n: int = 128) -> dict[str, float]:
     """family_accuracy of the cached pre-trained `captioner`, itself cached beside it: its evaluation
-    directory is kept under <captioner cache>/scores and copied to out_dir on later runs."""
+    directory is kept under <captioner cache>/scores and copied to out_dir, this run and later ones."""
     key = json.dumps({"n": n, "temperature": temperature, "budget": cfg.rollout.max_caption_tokens,
                       "reasoner_tokens": cfg.rollout.max_reasoner_tokens, "seed": cfg.train.seed,
                       "size": cfg.data.image_size}, sort_keys=True)
     store = Path(captioner).parent / "scores" / hashlib.sha1(key.encode()).hexdigest()[:12]
-    if not (store / "accuracy.json").exists():
-        acc = family_accuracy(cfg, captioner, out_dir, n=n, temperature=temperature, data_dir=data_dir)
-        tmp = store.with_name(store.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(out_dir, tmp)
-        (tmp / "accuracy.json").write_text(json.dumps(acc))
-        if not store.exists():
-            os.replace(tmp, store)
-        shutil.rmtree(tmp, ignore_errors=True)
-        return acc
+
+    def score(tmp: Path) -> None:
+        acc = family_accuracy(cfg, captioner, tmp, n=n, temperature=temperature, data_dir=data_dir)
+        (tmp / "families.json").write_text(json.dumps(acc))  # beside evaluate()'s own accuracy.json
+
+    _build_once(store, key, score)
     shutil.copytree(store, out_dir, dirs_exist_ok=True)
     _held_out(cfg, data_dir, n)  # the scenes value_accuracy reads the questions from
-    return json.loads((store / "accuracy.json").read_text())
+    return json.loads((store / "families.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,11 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(families, ignore_errors=True)  # evaluate() resumes: start from nothing
     for name, temperature in (("greedy", 0.0), ("sampled", cfg.rollout.temperature)):
         for who in ("pretrained", "after_cro"):
-            key, where = f"{who}/{name}", families / f"{who}-{name}"
-            table[key] = (pretrained_accuracy(cfg, pretrained, where, temperature, families / "data") if who == "pretrained"
-                          else family_accuracy(cfg, out / "export", where, temperature=temperature,
-                                               data_dir=families / "data"))
-            values[key], samples[key] = value_accuracy(families / f"{who}-{name}", families / "data")
+            key, where, data = f"{who}/{name}", families / f"{who}-{name}", families / "data"
+            table[key] = (pretrained_accuracy(cfg, pretrained, where, temperature, data) if who == "pretrained"
+                          else family_accuracy(cfg, out / "export", where, temperature=temperature, data_dir=data))
+            values[key], samples[key] = value_accuracy(where, data)
     (out / "families.json").write_text(json.dumps(table, indent=1))
     (out / "values.json").write_text(json.dumps({"accuracy": values, "samples": samples}, indent=1))
     print(f"held-out accuracy of the frozen reasoner per question family, captions of <= "
@@ -345,44 +340,53 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _cached(kind: str, key: dict, build) -> Path:
-    """The cache directory for `key`, built once by build(tmp_dir) into a temporary directory that
-    then replaces it whole (a process that finds DONE reuses it; two builders race harmlessly)."""
-    text = json.dumps(key, sort_keys=True)
-    root = cache_root() / f"demo-{kind}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+def _build_once(root: Path, key: str, build) -> Path:
+    """root, built once by build(tmp_dir) into a temporary directory that then replaces it whole: a
+    process that finds root/DONE reuses it, two builders race harmlessly, a failed build leaves nothing."""
     if (root / "DONE").exists():
         return root
-    log.info("building the tiny demo %s in %s (once)", kind, root)
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    start = time.monotonic()
     try:
         build(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    (tmp / "DONE").write_text(text)
-    if root.exists():  # another process finished first
+    (tmp / "DONE").write_text(key)
+    if (root / "DONE").exists():  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
+    else:  # an unfinished root (no DONE) is replaced
+        shutil.rmtree(root, ignore_errors=True)
         os.replace(tmp, root)
-    log.info("demo %s built in %.0f s", kind, time.monotonic() - start)
     return root
 
 
-def _scene_rows(cfg) -> tuple[list[dict], list[dict]]:
+def _cached(kind: str, key: dict, build) -> Path:
+    """The demo cache directory of `kind` for `key` (demo-<kind>-<hash>), built once by build(tmp_dir)."""
+    text = json.dumps(key, sort_keys=True)
+    root = cache_root() / f"demo-{kind}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+    if not (root / "DONE").exists():
+        log.info("building the tiny demo %s in %s (once)", kind, root)
+        start = time.monotonic()
+        _build_once(root, text, build)
+        log.info("demo %s built in %.0f s", kind, time.monotonic() - start)
+    return root
+
+
+def _scene_rows(cfg, pretraining: bool = False) -> list[dict]:
     """Scenes of other seeds than the training rows' (the models never see the demo's own images):
-    rows of every family, and the captioner's pre-training rows of SCENE_PRETRAIN_FAMILIES."""
+    1024 rows of every family, or the captioner's pre-training rows, of SCENE_PRETRAIN_FAMILIES."""
     seed, size = cfg.train.seed, cfg.data.image_size
-    return (make_rows("scene", 1024, seed=seed + 10_000, size=size),
-            make_rows("scene", 1024, seed=seed + 20_000, size=size, families=SCENE_PRETRAIN_FAMILIES))
+    if pretraining:
+        return make_rows("scene", 1024, seed=seed + 20_000, size=size, families=SCENE_PRETRAIN_FAMILIES)
+    return make_rows("scene", 1024, seed=seed + 10_000, size=size)
 
 
 def _build_reasoner(tmp: Path, cfg) -> None:
     """The scene tokenizer and the frozen reasoner, trained on captions of the budget's form."""
     seed, budget = cfg.train.seed, cfg.rollout.max_caption_tokens
-    rows, _ = _scene_rows(cfg)
+    rows = _scene_rows(cfg)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     # the scene words get tokens of their own ("unknown" among them: one token for the abstention)
@@ -407,7 +411,7 @@ def _build_captioner(tmp: Path, cfg, tokenizer_dir: Path) -> None:
     """The captioner before CRO: every fact of a scene in generic captions, for questions of
     SCENE_PRETRAIN_FAMILIES only."""
     seed = cfg.train.seed
-    _, pretrain_rows = _scene_rows(cfg)
+    pretrain_rows = _scene_rows(cfg, pretraining=True)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(seed)
     rng = random.Random(seed + 1)
@@ -431,7 +435,7 @@ def prepare_demo_models(cfg) -> tuple[str, str]:
     reasoner_key = {"v": REASONER_VERSION, "size": cfg.data.image_size, "seed": cfg.train.seed,
                     "budget": cfg.rollout.max_caption_tokens}
     rsn = _cached("reasoner", reasoner_key, lambda tmp: _build_reasoner(tmp, cfg))
-    captioner_key = {"v": CAPTIONER_VERSION, "reasoner": reasoner_key, "asked_first": ASKED_FIRST, "min_pixels": cfg.model.min_pixels,
-                     "max_pixels": cfg.model.max_pixels}
+    captioner_key = {"v": CAPTIONER_VERSION, "reasoner": reasoner_key, "asked_first": ASKED_FIRST,
+                     "min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels}
     cap = _cached("captioner", captioner_key, lambda tmp: _build_captioner(tmp, cfg, rsn / "tokenizer"))
     return str(cap / "captioner"), str(rsn / "reasoner")

@@ -72,6 +72,10 @@ def test_cache_builds_once_and_never_leaves_half_a_build(tmp_path, monkeypatch):
         _cached("captioner", {"v": 1}, broken)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("demo-captioner")]  # nothing half-built
     assert _cached("captioner", {"v": 1}, build).joinpath("model").read_text() == "weights"
+    stale = _cached("scores", {"v": 1}, build)  # a directory left without DONE is built again, not reused
+    (stale / "DONE").unlink()
+    (stale / "model").write_text("stale")
+    assert (_cached("scores", {"v": 1}, build) / "model").read_text() == "weights" and len(built) == 5
 
 
 def test_demo_refuses_a_task_it_was_not_built_for(tmp_path):
