@@ -35,7 +35,7 @@ import os
 import re
 import weakref
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol
 
 import torch
@@ -232,12 +232,13 @@ class SleepContract:
 class HFEngine:
     """HF `generate` on the trainer's own model object (no copy, nothing to push).
 
-    Rows are the requests repeated n times, sorted by prompt length so batches pad little,
-    left-padded, `batch_size` rows per `generate` call. With a seed the global RNG is forked
-    and restored, so the trainer's RNG stream is untouched; the samples then depend on the
-    seed, the requests and `batch_size` (vLLM seeds per request instead). The checkpoint's
-    own generation defaults (Qwen ships top_k=1, repetition_penalty=1.05) are overridden so
-    that sampling is plain temperature + top-p, as in `VLLMEngine`.
+    Requests are sorted by prompt length so batches pad little, left-padded, `batch_size // n`
+    requests per `generate` call, each sampled n times in it (num_return_sequences: a prompt's
+    image is encoded once). With a seed the global RNG is forked and restored, so the trainer's
+    RNG stream is untouched; the samples then depend on the seed, the requests and `batch_size`
+    (vLLM seeds per request instead). The checkpoint's own generation defaults (Qwen ships
+    top_k=1, repetition_penalty=1.05) are overridden so that sampling is plain temperature +
+    top-p, as in `VLLMEngine`.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64) -> None:
@@ -253,9 +254,13 @@ class HFEngine:
 
     def generate(self, requests: list[GenRequest], sampling: SamplingConfig) -> list[list[GenOutput]]:
         check_requests(requests)
-        rows = [i for i in range(len(requests)) for _ in range(sampling.n)]
-        order = sorted(range(len(rows)), key=lambda k: len(requests[rows[k]].prompt_ids))
-        samples: list[GenOutput | None] = [None] * len(rows)
+        # A request's n samples are rows of one generate call (num_return_sequences): its image
+        # goes through the vision tower once, not n times. Greedy samples are all the same: one
+        # row, copied.
+        n = 1 if sampling.temperature == 0 else sampling.n
+        per_call = max(1, self.batch_size // n)
+        order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
+        samples: list[list[GenOutput]] = [[] for _ in requests]
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()  # no dropout in rollouts; the trainer's mode is put back below
@@ -264,18 +269,19 @@ class HFEngine:
             with torch.random.fork_rng(devices=cuda, enabled=sampling.seed is not None):
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
-                for start in range(0, len(order), self.batch_size):
-                    batch = order[start : start + self.batch_size]
-                    outs = self._generate_batch([requests[rows[k]] for k in batch], sampling, device)
-                    for k, out in zip(batch, outs):
-                        samples[k] = out
+                for start in range(0, len(order), per_call):
+                    batch = order[start : start + per_call]
+                    outs = self._generate_batch([requests[i] for i in batch], sampling, device, n)
+                    for j, i in enumerate(batch):
+                        samples[i] = outs[j * n : (j + 1) * n] if n > 1 else [replace(outs[j]) for _ in range(sampling.n)]
         finally:
             self.model.train(was_training)
-        return [samples[i * sampling.n : (i + 1) * sampling.n] for i in range(len(requests))]
+        return samples
 
     def _generate_batch(
-        self, batch: list[GenRequest], sampling: SamplingConfig, device: torch.device
+        self, batch: list[GenRequest], sampling: SamplingConfig, device: torch.device, n: int
     ) -> list[GenOutput]:
+        """`n` samples of each request of `batch`, request by request (B * n outputs)."""
         B, T = len(batch), max(len(r.prompt_ids) for r in batch)
         input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)  # (B, T), left-padded
         attention_mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
@@ -305,19 +311,20 @@ class HFEngine:
             no_repeat_ngram_size=0,
             min_new_tokens=0,
             max_new_tokens=sampling.max_tokens,
+            num_return_sequences=n,
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids,
         )
-        new = out[:, T:]  # (B, S), S <= max_tokens
-        logp = record.finish(new[:, -1])  # (B, S)
-        is_eos = torch.isin(new, torch.tensor(self.eos_ids, device=new.device))  # (B, S)
+        new = out[:, T:]  # (B * n, S), S <= max_tokens
+        logp = record.finish(new[:, -1])  # (B * n, S)
+        is_eos = torch.isin(new, torch.tensor(self.eos_ids, device=new.device))  # (B * n, S)
         has_eos = is_eos.any(dim=1)
         # Keep through the first EOS; generate pads finished rows after it.
-        first_eos = is_eos.int().argmax(dim=1)  # (B,)
-        length = torch.where(has_eos, first_eos + 1, new.shape[1])  # (B,)
+        first_eos = is_eos.int().argmax(dim=1)  # (B * n,)
+        length = torch.where(has_eos, first_eos + 1, new.shape[1])  # (B * n,)
         new, logp, length, has_eos = new.tolist(), logp.tolist(), length.tolist(), has_eos.tolist()
         results = []
-        for b in range(B):
+        for b in range(B * n):
             ids = new[b][: length[b]]
             results.append(
                 GenOutput(

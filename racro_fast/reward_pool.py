@@ -8,10 +8,15 @@ most `timeout` seconds and a zero reward instead of a stalled training step.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 
 from racro_fast.rewards import REWARD_FUNCS
 
@@ -21,10 +26,27 @@ logger = logging.getLogger("racro_fast.rewards")
 # one message per item, so when a deadline passes the parent knows which item hung; the item
 # index guards against a stale answer left in a pipe by an interrupted call.
 _STARTUP_TIMEOUT = 120.0  # seconds for a fresh worker to import math-verify/sympy
+# The directory that holds the racro_fast package, so that the worker finds it however the
+# trainer was started (an installed package, a checkout on PYTHONPATH, `python -P`).
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
 
-def _worker_main(fn: str | Callable[[str, str], float], conn: Connection) -> None:
+def _watch_parent(parent: int) -> None:
+    """Exit when the parent is gone, even in the middle of a hung item (EOF would only be seen
+    after it); the worker then leaves no orphan behind a killed trainer."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _worker_main(conn: Connection, parent: int) -> None:
+    """A grading process: the trainer's sys.path, then the reward function (a REWARD_FUNCS name,
+    or a callable pickled by reference), then jobs until None or EOF."""
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    sys.path[:] = conn.recv()  # before the callable is unpickled: it may live beside the trainer
+    fn = conn.recv()
     func = REWARD_FUNCS[fn] if isinstance(fn, str) else fn
+    import math_verify  # noqa: F401 - the grader's import belongs to start-up, not to the first item
     conn.send(("ready",))
     while True:
         try:
@@ -41,20 +63,49 @@ def _worker_main(fn: str | Callable[[str, str], float], conn: Connection) -> Non
 
 
 class _Worker:
-    """One grading process and its pipe; killed and replaced when an item hangs."""
+    """One grading process and its pipe; killed and replaced when an item hangs.
 
-    def __init__(self, ctx: mp.context.BaseContext, fn: str | Callable[[str, str], float]):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(fn, child), daemon=True)
-        self.proc.start()
-        child.close()
+    The process is a fresh interpreter running this module, not a multiprocessing child: spawn
+    re-imports the trainer's `__main__` (torch, transformers: ~450 MB per worker), and fork would
+    copy its CUDA state and threads. This one imports the grader alone."""
+
+    def __init__(self, fn: str | Callable[[str, str], float]):
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "racro_fast.reward_pool", str(theirs.fileno()), str(os.getpid())],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        try:
+            self.conn.send(sys.path)
+            self.conn.send(fn)
+        except OSError:
+            pass  # died at once: score() sees the closed pipe and reports the exit code
         self.ready = False
         self.items: list[int] = []  # indices of the current job still to be answered
         self.deadline = time.monotonic() + _STARTUP_TIMEOUT
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     def kill(self) -> None:
         self.proc.kill()
-        self.proc.join()
+        self.proc.wait()
+        self.conn.close()
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Ask the worker to exit; kill it if it has not within `grace` seconds."""
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self.conn.close()
 
 
@@ -65,8 +116,16 @@ class RewardScorer:
     answer must arrive within `timeout` seconds of the previous one. A late item scores 0,
     its worker is killed and replaced, and the rest of its batch goes on in the new worker.
     An exception or a crashed worker also scores 0. Failures are counted in `n_timeout` /
-    `n_error` and logged. `fn` is a REWARD_FUNCS key or a picklable callable.
+    `n_error` and logged. `fn` is a REWARD_FUNCS key or a callable picklable by reference (a
+    module-level function).
+
+    A REWARD_FUNCS function is a pure function of (completion, answer): its scores are kept
+    (up to `memo_size` pairs), so that a pair seen before, in this call or an earlier one (a
+    group's reasoner answers repeat), costs no worker time. A failed item is not kept. A
+    callable of the caller's is run on every item (it may sample).
     """
+
+    memo_size = 1 << 16
 
     def __init__(
         self, fn_name: str | Callable[[str, str], float] = "boxed_math", timeout: float = 5.0, workers: int = 2
@@ -83,16 +142,30 @@ class RewardScorer:
         self.timeout = float(timeout)
         self.n_timeout = 0
         self.n_error = 0
-        # Fork would copy the trainer's torch/CUDA state and threads; spawn starts clean.
-        self._ctx = mp.get_context("spawn")
+        self._memo: dict[tuple[str, str], float] | None = {} if isinstance(fn_name, str) else None
+        self._failed: set[int] = set()  # items of the current call that scored 0 by failure
         # Started now so that the imports overlap with whatever the caller does next.
-        self._workers = [_Worker(self._ctx, self.fn) for _ in range(workers)]
+        self._workers = [_Worker(self.fn) for _ in range(workers)]
 
     def score(self, completions: list[str], answers: list[str]) -> list[float]:
         if len(completions) != len(answers):
             raise ValueError(f"answers: {len(answers)} answers for {len(completions)} completions")
         if self._workers is None:
             raise ValueError("scorer: already closed")
+        if self._memo is None:
+            return self._score(completions, answers)
+        pairs = list(zip(completions, answers))
+        new = [p for p in dict.fromkeys(pairs) if p not in self._memo]
+        fresh = dict(zip(new, self._score([c for c, _ in new], [a for _, a in new])))
+        out = [fresh[p] if p in fresh else self._memo[p] for p in pairs]
+        if len(self._memo) + len(new) > self.memo_size:
+            self._memo.clear()
+        self._memo.update((p, fresh[p]) for k, p in enumerate(new) if k not in self._failed)
+        return out
+
+    def _score(self, completions: list[str], answers: list[str]) -> list[float]:
+        """Each item in the workers, time-bounded; the items that failed are left in `_failed`."""
+        self._failed = set()
         n = len(completions)
         out = [0.0] * n
         per = -(-n // len(self._workers)) if n else 0
@@ -110,7 +183,10 @@ class RewardScorer:
                     if not w.ready:
                         # Dying before the first item is an environment problem (an unimportable
                         # reward function, say); scoring everything 0 would hide it.
-                        code = w.proc.exitcode
+                        try:
+                            code = w.proc.wait(timeout=5.0)
+                        except subprocess.TimeoutExpired:
+                            code = None
                         self.close()
                         raise RuntimeError(
                             f"reward worker exited with code {code} before it was ready; see its traceback above"
@@ -143,12 +219,13 @@ class RewardScorer:
         try:
             w.conn.send([(i, completions[i], answers[i]) for i in w.items])
         except OSError:  # died while idle (OOM killer, say): nothing was lost, start another
-            logger.warning("reward worker %d had exited; starting a new one", w.proc.pid)
+            logger.warning("reward worker %d had exited; starting a new one", w.pid)
             self._respawn(w, w.items)
             return
         w.deadline = time.monotonic() + self.timeout
 
     def _fail(self, i: int, kind: str, why: str, completions: list[str]) -> None:
+        self._failed.add(i)
         if kind == "timeout":
             self.n_timeout += 1
         else:
@@ -167,22 +244,14 @@ class RewardScorer:
     def _respawn(self, w: _Worker, items: list[int]) -> None:
         """Kill w and put a fresh worker in its place, to take `items` once it is ready."""
         w.kill()
-        fresh = _Worker(self._ctx, self.fn)
+        fresh = _Worker(self.fn)
         fresh.items, w.items = items, []
         self._workers[self._workers.index(w)] = fresh
 
     def close(self) -> None:
         """Stop the worker processes; the scorer cannot be used afterwards."""
         for w in self._workers or []:
-            try:
-                w.conn.send(None)
-            except OSError:
-                pass
-            w.proc.join(timeout=1.0)
-            if w.proc.is_alive():
-                w.proc.kill()
-                w.proc.join()
-            w.conn.close()
+            w.stop()
         self._workers = None
 
     def __enter__(self) -> RewardScorer:
@@ -195,5 +264,9 @@ class RewardScorer:
         if getattr(self, "_workers", None):
             try:
                 self.close()
-            except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down mp already
+            except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down modules already
                 pass
+
+
+if __name__ == "__main__":
+    _worker_main(Connection(int(sys.argv[1])), int(sys.argv[2]))

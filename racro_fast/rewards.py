@@ -15,7 +15,6 @@ import logging
 import re
 from collections.abc import Callable
 
-from math_verify import parse, verify
 
 # math-verify warns once per process that its own timeout is off: grading here runs with none on
 # purpose, bounded by reward_pool.RewardScorer's killable workers, so its warning is only noise.
@@ -111,6 +110,7 @@ def _math_equal(pred: str, gold: str) -> bool:
         return False
     # Timeouts off: math-verify's are signal.alarm based and only work on a main thread.
     # The caller bounds the time (RewardScorer runs grading in killable processes).
+    from math_verify import parse, verify  # here, not at the top: the trainer only extracts answers
     gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=None)
     pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=None)
     if not gold_parsed or not pred_parsed:

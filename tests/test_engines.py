@@ -163,7 +163,7 @@ def test_hf_captioner_with_images(tiny_captioner_dir) -> None:
             )
         )
     model.train()
-    engine = HFEngine(model, tok, batch_size=3)  # 4 rows: a batch of 3, then 1
+    engine = HFEngine(model, tok, batch_size=3)  # n=2: one request (2 rows) per generate call
     for temperature in (1.0, 0.5):
         outs = engine.generate(requests, SamplingConfig(n=2, temperature=temperature, max_tokens=10, seed=1))
         assert [len(s) for s in outs] == [2, 2]

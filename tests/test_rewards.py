@@ -1,7 +1,12 @@
 """Answer extraction, grading, reward functions and the time-bounded scorer."""
 import logging
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +39,23 @@ def hang_on_slow(completion: str, answer: str) -> float:
     if completion == "slow":
         time.sleep(3600)
     return 1.0
+
+
+def torch_loaded(completion: str, answer: str) -> float:
+    return float("torch" in sys.modules)
+
+
+def _trainer_script(tmp_path: Path, body: str) -> list[str]:
+    """A `python trainer.py` command whose __main__ imports torch, as the trainer's does."""
+    script = tmp_path / "trainer.py"
+    script.write_text("import torch\nfrom racro_fast.reward_pool import RewardScorer\n"
+                      "from test_rewards import hang_on_slow, torch_loaded\n\n"
+                      "if __name__ == '__main__':\n" + textwrap.indent(textwrap.dedent(body), "    "))
+    return [sys.executable, str(script)]
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
 
 
 @pytest.mark.parametrize(
@@ -183,3 +205,80 @@ def test_math_equal_is_memoised():
     assert verdicts == [True, True, False]
     info = _math_equal.cache_info()
     assert (info.hits, info.misses) == (1, 2)
+
+
+def test_scorer_workers_import_the_grader_not_the_trainer(tmp_path):
+    """A worker must not re-import the trainer's __main__ (torch and transformers, ~450 MB each)."""
+    cmd = _trainer_script(tmp_path, """
+        with RewardScorer(torch_loaded, timeout=60.0, workers=1) as scorer:
+            print("SCORES", scorer.score(["x"], ["y"]))
+    """)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env())
+    assert out.returncode == 0, out.stderr
+    assert "SCORES [0.0]" in out.stdout, f"the worker loaded torch: {out.stdout!r}"
+
+
+def test_scorer_workers_die_with_a_killed_trainer(tmp_path):
+    """SIGKILL of the trainer while a worker is busy on a hung item leaves no worker behind."""
+    cmd = _trainer_script(tmp_path, """
+        import sys
+        scorer = RewardScorer(hang_on_slow, timeout=3600.0, workers=1)
+        scorer.score(["ok"], ["x"])
+        print("WORKER", scorer._workers[0].pid, flush=True)
+        scorer.score(["slow"], ["x"])
+    """)
+    trainer = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        line = trainer.stdout.readline()
+        assert line.startswith("WORKER"), f"trainer printed {line!r}"
+        worker = int(line.split()[1])
+        time.sleep(0.5)  # the worker is inside the hung item now
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+        deadline = time.monotonic() + 15
+        while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        status = Path(f"/proc/{worker}/stat").read_text().split()[2] if Path(f"/proc/{worker}").exists() else "gone"
+        assert status in ("gone", "Z"), f"worker {worker} outlived its trainer (state {status})"
+    finally:
+        trainer.kill()
+
+
+def test_scorer_grades_a_repeated_pair_once(monkeypatch):
+    """A named reward is pure: a pair seen before in the call or in an earlier call is not sent again;
+    a callable of the caller's is run on every item."""
+    sent: list[int] = []
+    real = RewardScorer._score
+
+    def counting(self, completions, answers):
+        sent.append(len(completions))
+        return real(self, completions, answers)
+
+    monkeypatch.setattr(RewardScorer, "_score", counting)
+    with RewardScorer("boxed_math", timeout=30.0, workers=2) as scorer:
+        assert scorer.score(["\\boxed{1}", "\\boxed{2}", "\\boxed{1}", "\\boxed{1}"], ["1", "1", "1", "2"]) == [
+            1.0, 0.0, 1.0, 0.0]
+        assert scorer.score(["\\boxed{2}", "\\boxed{1}", "\\boxed{3}"], ["1", "1", "3"]) == [0.0, 1.0, 1.0]
+    assert sent == [3, 1], "repeated pairs must be scored once"
+    sent.clear()
+    with RewardScorer(raise_on_bad, timeout=30.0, workers=1) as scorer:
+        assert scorer.score(["ok", "bad", "bad", "ok"], ["x"] * 4) == [1.0, 0.0, 0.0, 1.0]
+        assert scorer.n_error == 2
+    assert sent == [4]
+
+
+def test_scorer_does_not_keep_a_failed_item(monkeypatch):
+    """An item that scored 0 by failure is graded again next time."""
+    with RewardScorer("boxed_math", timeout=30.0, workers=1) as scorer:
+        monkeypatch.setattr(scorer, "_failed", set())
+        real = scorer._score
+
+        def first_fails(completions, answers):
+            out = real(completions, answers)
+            scorer._failed = {0}
+            return [0.0] + out[1:]
+
+        monkeypatch.setattr(scorer, "_score", first_fails)
+        assert scorer.score(["\\boxed{1}", "\\boxed{2}"], ["1", "2"]) == [0.0, 1.0]
+        monkeypatch.setattr(scorer, "_score", real)
+        assert scorer.score(["\\boxed{1}", "\\boxed{2}"], ["1", "2"]) == [1.0, 1.0]
