@@ -233,15 +233,17 @@ class HFEngine:
     """HF `generate` on the trainer's own model object (no copy, nothing to push).
 
     Requests are sorted by prompt length so batches pad little, left-padded, `batch_size // n`
-    requests per `generate` call, each sampled n times in it (num_return_sequences: a prompt's
-    image is encoded once). With a seed the global RNG is forked and restored, so the trainer's
+    requests per call, each sampled n times in it. With `share_prompt` (the default) a request's
+    image and prompt go through the model once and its n samples decode from one KV cache
+    (`_sample_shared_prompt`, generate's draws); without it, through generate with
+    num_return_sequences, which prefills the prompt n times. With a seed the global RNG is forked and restored, so the trainer's
     RNG stream is untouched; the samples then depend on the seed, the requests and `batch_size`
     (vLLM seeds per request instead). The checkpoint's own generation defaults (Qwen ships
     top_k=1, repetition_penalty=1.05) are overridden so that sampling is plain temperature +
     top-p, as in `VLLMEngine`.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64, share_prompt: bool = True) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if tokenizer.pad_token_id is None:
@@ -249,14 +251,14 @@ class HFEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.share_prompt = share_prompt
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
 
     def generate(self, requests: list[GenRequest], sampling: SamplingConfig) -> list[list[GenOutput]]:
         check_requests(requests)
-        # A request's n samples are rows of one generate call (num_return_sequences): its image
-        # goes through the vision tower once, not n times. Greedy samples are all the same: one
-        # row, copied.
+        # A request's n samples are rows of one call: its image goes through the vision tower
+        # once, not n times. Greedy samples are all the same: one row, copied.
         n = 1 if sampling.temperature == 0 else sampling.n
         per_call = max(1, self.batch_size // n)
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
@@ -296,27 +298,10 @@ class HFEngine:
             inputs["image_grid_thw"] = torch.cat([r.image_grid_thw for r in with_images]).to(device)
             # the modality of each token, for Qwen2.5-VL's 3-D positions (1-D without it, unlike training and vLLM)
             inputs["mm_token_type_ids"] = mm_token_types(inputs["input_ids"], self.model.config)
-        greedy = sampling.temperature == 0
-        if greedy:
-            warpers = {"do_sample": False}
-        else:  # explicit values, or generate() fills them in from the checkpoint's defaults
-            warpers = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-            warpers.update(min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
-        record = _SampledLogprobs(sampling.temperature, sampling.top_p)
-        out = self.model.generate(
-            **inputs,
-            **warpers,
-            logits_processor=LogitsProcessorList([record]),
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            min_new_tokens=0,
-            max_new_tokens=sampling.max_tokens,
-            num_return_sequences=n,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_ids,
-        )
-        new = out[:, T:]  # (B * n, S), S <= max_tokens
-        logp = record.finish(new[:, -1])  # (B * n, S)
+        if n > 1 and self.share_prompt:  # sampled (a greedy request is one row, copied)
+            new, logp = self._sample_shared_prompt(inputs, sampling, n)  # (B * n, S) each
+        else:
+            new, logp = self._hf_generate(inputs, sampling, T, n)
         is_eos = torch.isin(new, torch.tensor(self.eos_ids, device=new.device))  # (B * n, S)
         has_eos = is_eos.any(dim=1)
         # Keep through the first EOS; generate pads finished rows after it.
@@ -335,6 +320,88 @@ class HFEngine:
                 )
             )
         return results
+
+    def _hf_generate(self, inputs: dict, sampling: SamplingConfig, T: int, n: int) -> tuple[Tensor, Tensor]:
+        """n samples of each row by HF generate: the new tokens and their log-probs, (B * n, S) each."""
+        if sampling.temperature == 0:
+            warpers = {"do_sample": False}
+        else:  # explicit values, or generate() fills them in from the checkpoint's defaults
+            warpers = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+            warpers.update(min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+        record = _SampledLogprobs(sampling.temperature, sampling.top_p)
+        out = self.model.generate(
+            **inputs,
+            **warpers,
+            logits_processor=LogitsProcessorList([record]),
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_new_tokens=0,
+            max_new_tokens=sampling.max_tokens,
+            num_return_sequences=n,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids,
+        )
+        new = out[:, T:]  # (B * n, S), S <= max_tokens
+        return new, record.finish(new[:, -1])
+
+    @torch.no_grad()
+    def _sample_shared_prompt(self, inputs: dict, sampling: SamplingConfig, n: int) -> tuple[Tensor, Tensor]:
+        """n samples of each of the B prompts in `inputs`, the prompt's forward (vision tower and
+        prefill) run once and its KV cache repeated n times before the first draw. (generate with
+        num_return_sequences repeats the prompt first and prefills every copy: n times the prefill.)
+
+        The draws are generate's: its temperature and top-p warpers, softmax and one multinomial
+        draw a step over all B * n rows in float32, rows padded once finished, stopping when every
+        row has finished or at max_tokens; positions and masks as generate passes them (Qwen-VL's
+        text row over its 3-D rope rows; no mask without padding). With row-independent kernels
+        the tokens are generate's to the bit (tests/test_engines.py holds it to that).
+        Returns the new tokens and their log-probs, (B * n, S) each."""
+        model, ids, mask = self.model, inputs["input_ids"], inputs["attention_mask"]  # (B, T) each
+        B = ids.shape[0]
+        warpers = LogitsProcessorList(_SampledLogprobs(sampling.temperature, sampling.top_p).warpers)
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T) text positions
+        rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
+        delta = None
+        if rope_index is not None:  # Qwen-VL: (4, B, T), the text row over the (t, h, w) rope rows
+            if "image_grid_thw" in inputs:
+                rope, delta = rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                         image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
+            else:
+                rope, delta = pos.expand(3, -1, -1), torch.zeros(B, 1, dtype=torch.long, device=ids.device)
+            pos = torch.cat([pos[None], rope])
+        padded = not bool(mask.all())
+        extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+        out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=pos, use_cache=True,
+                    logits_to_keep=1, **extra)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)
+        logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)  # (B * n, V)
+        del out
+        mask = mask.repeat_interleave(n, dim=0)  # (B * n, T)
+        text = pos[0, :, -1:] if pos.dim() == 3 else pos[:, -1:]  # (B, 1) the last prompt position
+        text = text.repeat_interleave(n, dim=0)
+        delta = None if delta is None else delta.repeat_interleave(n, dim=0)  # (B * n, 1)
+        eos = torch.tensor(self.eos_ids, device=ids.device)
+        unfinished = torch.ones(B * n, dtype=torch.bool, device=ids.device)
+        tokens, logps = [], []
+        for step in range(sampling.max_tokens):
+            scores = warpers(None, logits)
+            tok = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # (B * n,)
+            logps.append(F.log_softmax(scores, dim=-1).gather(-1, tok[:, None]).squeeze(-1))
+            tok = torch.where(unfinished, tok, self.pad_id)
+            tokens.append(tok)
+            unfinished &= ~torch.isin(tok, eos)
+            if step + 1 == sampling.max_tokens or not unfinished.any():
+                break
+            text = text + 1
+            step_pos = text if delta is None else torch.stack([text, text + delta, text + delta, text + delta])
+            if padded:
+                mask = torch.cat([mask, mask.new_ones(B * n, 1)], dim=1)
+            out = model(input_ids=tok[:, None], attention_mask=mask if padded else None, position_ids=step_pos,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1].float()
+            del out
+        return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
     def sleep(self, level: int = 1) -> None:
         log.debug("HFEngine.sleep(level=%d): no-op, the model belongs to the trainer", level)

@@ -171,6 +171,47 @@ def test_hf_captioner_with_images(tiny_captioner_dir) -> None:
     assert model.training
 
 
+def captioner_requests(tok, processor) -> list[GenRequest]:
+    """Three image requests of different prompt lengths (a padded batch), the images of different sizes."""
+    requests = []
+    for k, (size, problem) in enumerate([((56, 56), "How many shapes?"), ((112, 84), "What is the value of x?"),
+                                         ((56, 84), "Which shape is the tallest one of all?")]):
+        image = Image.new("RGB", size, (40 * k, 120, 200))
+        inp = build_captioner_inputs(tok, processor, captioner_messages(problem, 1), [image])
+        requests.append(GenRequest(prompt_ids=inp.prompt_ids, pixel_values=inp.pixel_values,
+                                   image_grid_thw=inp.image_grid_thw, images=[image]))
+    return requests
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_hf_shared_prompt_draws_are_generates(tiny_captioner_dir, reasoner, reasoner_tok, text_requests,
+                                               temperature, top_p) -> None:
+    # A request's n samples decode from one prefill of its prompt; they are the samples that generate
+    # draws from n prefilled copies, token for token, on images (Qwen2.5-VL's 3-D positions) and on
+    # text, in padded batches, with stops at EOS inside a batch.
+    tok = AutoTokenizer.from_pretrained(str(tiny_captioner_dir))
+    captioner = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_captioner_dir))
+    cases = [(captioner, tok, captioner_requests(tok, AutoImageProcessor.from_pretrained(str(tiny_captioner_dir)))),
+             (reasoner, reasoner_tok, text_requests)]
+    stops = 0
+    for model, t, requests in cases:
+        sampling = SamplingConfig(n=4, temperature=temperature, top_p=top_p, max_tokens=12, seed=5)
+        # a second EOS id, a token drawn mid-caption, so that rows stop while others go on
+        model.generation_config.eos_token_id = [t.eos_token_id]
+        model.generation_config.eos_token_id.append(HFEngine(model, t).generate(requests, sampling)[0][0].token_ids[1])
+        shared = HFEngine(model, t, batch_size=8).generate(requests, sampling)  # 2 requests a call, padded
+        copies = HFEngine(model, t, batch_size=8, share_prompt=False).generate(requests, sampling)
+        for i, (a, b) in enumerate(zip(shared, copies)):
+            assert [o.token_ids for o in a] == [o.token_ids for o in b], f"request {i}: draws differ from generate's"
+            assert [o.truncated for o in a] == [o.truncated for o in b]
+            for x, y in zip(a, b):
+                assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=ATOL_HF)
+        stops += sum(not o.truncated for s in shared for o in s)
+    # teacher-forced too (the random captioner samples image tokens, which a forward cannot take back)
+    assert_logp_match(reasoner, text_requests, shared, temperature, ATOL_HF, top_p=top_p)
+    assert stops > 0, "no sample met EOS: the stop inside a batch went unchecked"
+
+
 def test_bad_input_raises() -> None:
     for field, kw in [("n", {"n": 0}), ("temperature", {"temperature": -1.0}), ("top_p", {"top_p": 0.0}),
                       ("max_tokens", {"max_tokens": 0})]:
