@@ -230,20 +230,20 @@ class SleepContract:
 
 
 class HFEngine:
-    """HF `generate` on the trainer's own model object (no copy, nothing to push).
+    """Sampling with a transformers model on the trainer's own model object (no copy, nothing to push).
 
     Requests are sorted by prompt length so batches pad little, left-padded, `batch_size // n`
-    requests per call, each sampled n times in it. With `share_prompt` (the default) a request's
-    image and prompt go through the model once and its n samples decode from one KV cache
-    (`_sample_shared_prompt`, generate's draws); without it, through generate with
-    num_return_sequences, which prefills the prompt n times. With a seed the global RNG is forked and restored, so the trainer's
-    RNG stream is untouched; the samples then depend on the seed, the requests and `batch_size`
+    requests per call, each sampled n times in it. A request's image and prompt go through the
+    model once and its n samples decode from one KV cache (`_decode`: generate's draws, to the
+    token); `hf_generate=True` runs transformers' `generate` with num_return_sequences instead,
+    which prefills the prompt n times. With a seed the global RNG is forked and restored, so the
+    trainer's RNG stream is untouched; the samples then depend on the seed, the requests and `batch_size`
     (vLLM seeds per request instead). The checkpoint's own generation defaults (Qwen ships
     top_k=1, repetition_penalty=1.05) are overridden so that sampling is plain temperature +
     top-p, as in `VLLMEngine`.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64, share_prompt: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64, hf_generate: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if tokenizer.pad_token_id is None:
@@ -251,7 +251,7 @@ class HFEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.share_prompt = share_prompt
+        self.hf_generate = hf_generate
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
 
@@ -298,10 +298,10 @@ class HFEngine:
             inputs["image_grid_thw"] = torch.cat([r.image_grid_thw for r in with_images]).to(device)
             # the modality of each token, for Qwen2.5-VL's 3-D positions (1-D without it, unlike training and vLLM)
             inputs["mm_token_type_ids"] = mm_token_types(inputs["input_ids"], self.model.config)
-        if n > 1 and self.share_prompt:  # sampled (a greedy request is one row, copied)
-            new, logp = self._sample_shared_prompt(inputs, sampling, n)  # (B * n, S) each
-        else:
+        if self.hf_generate:
             new, logp = self._hf_generate(inputs, sampling, T, n)
+        else:
+            new, logp = self._decode(inputs, sampling, n)  # (B * n, S) each
         is_eos = torch.isin(new, torch.tensor(self.eos_ids, device=new.device))  # (B * n, S)
         has_eos = is_eos.any(dim=1)
         # Keep through the first EOS; generate pads finished rows after it.
@@ -345,13 +345,13 @@ class HFEngine:
         return new, record.finish(new[:, -1])
 
     @torch.no_grad()
-    def _sample_shared_prompt(self, inputs: dict, sampling: SamplingConfig, n: int) -> tuple[Tensor, Tensor]:
+    def _decode(self, inputs: dict, sampling: SamplingConfig, n: int) -> tuple[Tensor, Tensor]:
         """n samples of each of the B prompts in `inputs`, the prompt's forward (vision tower and
         prefill) run once and its KV cache repeated n times before the first draw. (generate with
         num_return_sequences repeats the prompt first and prefills every copy: n times the prefill.)
 
         The draws are generate's: its temperature and top-p warpers, softmax and one multinomial
-        draw a step over all B * n rows in float32, rows padded once finished, stopping when every
+        draw (argmax when greedy) a step over all B * n rows in float32, rows padded once finished, stopping when every
         row has finished or at max_tokens; positions and masks as generate passes them (Qwen-VL's
         text row over its 3-D rope rows; no mask without padding). With row-independent kernels
         the tokens are generate's to the bit (tests/test_engines.py holds it to that).
@@ -374,8 +374,10 @@ class HFEngine:
         out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=pos, use_cache=True,
                     logits_to_keep=1, **extra)
         cache = out.past_key_values
-        cache.batch_repeat_interleave(n)
-        logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)  # (B * n, V)
+        logits = out.logits[:, -1].float()  # (B, V)
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            logits = logits.repeat_interleave(n, dim=0)  # (B * n, V)
         del out
         mask = mask.repeat_interleave(n, dim=0)  # (B * n, T)
         text = pos[0, :, -1:] if pos.dim() == 3 else pos[:, -1:]  # (B, 1) the last prompt position
@@ -386,7 +388,10 @@ class HFEngine:
         tokens, logps = [], []
         for step in range(sampling.max_tokens):
             scores = warpers(None, logits)
-            tok = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # (B * n,)
+            if sampling.temperature == 0:
+                tok = scores.argmax(dim=-1)
+            else:
+                tok = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # (B * n,)
             logps.append(F.log_softmax(scores, dim=-1).gather(-1, tok[:, None]).squeeze(-1))
             tok = torch.where(unfinished, tok, self.pad_id)
             tokens.append(tok)

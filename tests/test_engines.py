@@ -183,32 +183,32 @@ def captioner_requests(tok, processor) -> list[GenRequest]:
     return requests
 
 
-@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_hf_shared_prompt_draws_are_generates(tiny_captioner_dir, reasoner, reasoner_tok, text_requests,
-                                               temperature, top_p) -> None:
+@pytest.mark.parametrize("n, temperature, top_p", [(4, 1.0, 1.0), (4, 0.7, 0.9), (1, 1.0, 1.0), (1, 0.0, 1.0)])
+def test_hf_draws_are_generates(tiny_captioner_dir, reasoner, reasoner_tok, text_requests,
+                                n, temperature, top_p) -> None:
     # A request's n samples decode from one prefill of its prompt; they are the samples that generate
     # draws from n prefilled copies, token for token, on images (Qwen2.5-VL's 3-D positions) and on
-    # text, in padded batches, with stops at EOS inside a batch.
+    # text, in padded batches, with stops at EOS inside a batch; greedy too.
     tok = AutoTokenizer.from_pretrained(str(tiny_captioner_dir))
     captioner = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_captioner_dir))
     cases = [(captioner, tok, captioner_requests(tok, AutoImageProcessor.from_pretrained(str(tiny_captioner_dir)))),
              (reasoner, reasoner_tok, text_requests)]
     stops = 0
     for model, t, requests in cases:
-        sampling = SamplingConfig(n=4, temperature=temperature, top_p=top_p, max_tokens=12, seed=5)
+        sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=12, seed=5)
         # a second EOS id, a token drawn mid-caption, so that rows stop while others go on
         model.generation_config.eos_token_id = [t.eos_token_id]
         model.generation_config.eos_token_id.append(HFEngine(model, t).generate(requests, sampling)[0][0].token_ids[1])
-        shared = HFEngine(model, t, batch_size=8).generate(requests, sampling)  # 2 requests a call, padded
-        copies = HFEngine(model, t, batch_size=8, share_prompt=False).generate(requests, sampling)
-        for i, (a, b) in enumerate(zip(shared, copies)):
+        ours = HFEngine(model, t, batch_size=8).generate(requests, sampling)  # padded calls
+        copies = HFEngine(model, t, batch_size=8, hf_generate=True).generate(requests, sampling)
+        for i, (a, b) in enumerate(zip(ours, copies)):
             assert [o.token_ids for o in a] == [o.token_ids for o in b], f"request {i}: draws differ from generate's"
             assert [o.truncated for o in a] == [o.truncated for o in b]
             for x, y in zip(a, b):
                 assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=ATOL_HF)
-        stops += sum(not o.truncated for s in shared for o in s)
+        stops += sum(not o.truncated for s in ours for o in s)
     # teacher-forced too (the random captioner samples image tokens, which a forward cannot take back)
-    assert_logp_match(reasoner, text_requests, shared, temperature, ATOL_HF, top_p=top_p)
+    assert_logp_match(reasoner, text_requests, ours, temperature, ATOL_HF, top_p=top_p)
     assert stops > 0, "no sample met EOS: the stop inside a batch went unchecked"
 
 
