@@ -351,10 +351,10 @@ class HFEngine:
         num_return_sequences repeats the prompt first and prefills every copy: n times the prefill.)
 
         The draws are generate's: its temperature and top-p warpers, softmax and one multinomial
-        draw (argmax when greedy) a step over all B * n rows in float32, rows padded once finished, stopping when every
-        row has finished or at max_tokens; positions and masks as generate passes them (Qwen-VL's
-        text row over its 3-D rope rows; no mask without padding). With row-independent kernels
-        the tokens are generate's to the bit (tests/test_engines.py holds it to that).
+        draw (argmax when greedy) a step over all B * n rows in float32, rows padded once finished,
+        stopping when every row has finished or at max_tokens; positions and masks as generate
+        passes them (Qwen-VL's text row over its 3-D rope rows; no mask without padding). With
+        row-independent kernels the tokens are generate's to the bit (tests/test_engines.py).
         Returns the new tokens and their log-probs, (B * n, S) each."""
         model, ids, mask = self.model, inputs["input_ids"], inputs["attention_mask"]  # (B, T) each
         B = ids.shape[0]
