@@ -24,7 +24,7 @@ with random weights and the demo's tokenizer: its captions are noise (ids past t
 decode to nothing), so its rewards say nothing; its time and memory are the point.
 
 Reported per side, after the warm-up steps: seconds per step split into generation (captions),
-reward (reasoner + grading) and the rest (the update: log-probs, loss, backward, optimizer);
+reward (reasoner + grading; the grading alone as grade_s) and the rest (the update: log-probs, loss, backward, optimizer);
 peak resident memory of the side's process tree (sampled every 20 ms: reward workers included);
 caption tokens per second; the mean reward over the measured steps. Rows go to
 benchmarks/results/vs_trl.csv; the run ends with one JSON line:
@@ -98,8 +98,9 @@ def run_ours(args: argparse.Namespace) -> dict:
     step = [h["step_s"] for h in history]
     gen = [h["caption_s"] for h in history]
     reward = [h["reason_s"] + h["reward_s"] for h in history]
+    grade = [h["reward_s"] for h in history]  # the reward workers' grading (and the advantages)
     tokens = [h["caption_len_mean"] * args.questions * args.group for h in history]
-    return side_row("ours", args, step, gen, reward, tokens, [h["reward_mean"] for h in history])
+    return side_row("ours", args, step, gen, reward, grade, tokens, [h["reward_mean"] for h in history])
 
 
 # ----------------------------------------------------------------------------- TRL's side
@@ -114,7 +115,7 @@ class ReasonerReward:
 
         from racro_fast.engines import HFEngine
         self.__name__ = "reasoner"
-        self.cfg, self.calls, self.seconds, self.means, self.tokens = cfg, 0, [], [], []
+        self.cfg, self.calls, self.seconds, self.grade_seconds, self.means, self.tokens = cfg, 0, [], [], [], []
         self.tok = AutoTokenizer.from_pretrained(cfg.model.reasoner)
         model = AutoModelForCausalLM.from_pretrained(cfg.model.reasoner, dtype=getattr(torch, cfg.model.dtype)).eval()
         self.engine = HFEngine(model, self.tok)
@@ -131,7 +132,9 @@ class ReasonerReward:
         outs = self.engine.generate(requests, SamplingConfig(
             n=1, temperature=r.reasoner_temperature, top_p=r.reasoner_top_p, max_tokens=r.max_reasoner_tokens,
             seed=self.cfg.train.seed + 100_003 * self.calls, logprobs=False))
+        t1 = time.perf_counter()
         rewards = [boxed_math(o[0].text, a) for o, a in zip(outs, answer)]
+        self.grade_seconds.append(time.perf_counter() - t1)
         self.calls += 1
         self.seconds.append(time.perf_counter() - t0)
         self.means.append(sum(rewards) / len(rewards))
@@ -229,16 +232,16 @@ def run_trl(args: argparse.Namespace) -> dict:
                                    callbacks=[StepClock()])
         trainer.train()
     w = args.warmup
-    return side_row("trl", args, steps[w:], trainer.gen_seconds[w:], reward.seconds[w:], reward.tokens[w:],
-                    reward.means[w:])
+    return side_row("trl", args, steps[w:], trainer.gen_seconds[w:], reward.seconds[w:], reward.grade_seconds[w:],
+                    reward.tokens[w:], reward.means[w:])
 
 
-def side_row(side: str, args: argparse.Namespace, step, gen, reward, tokens, rewards) -> dict:
+def side_row(side: str, args: argparse.Namespace, step, gen, reward, grade, tokens, rewards) -> dict:
     if not step:
         raise RuntimeError(f"{side}: no measured steps (steps={args.steps}, warm-up={args.warmup})")
     mean = statistics.fmean
     return {"side": side, "model": "wide" if args.wide else "demo", "seed": args.seed, "steps": len(step),
-            "step_s": mean(step), "gen_s": mean(gen), "reward_s": mean(reward),
+            "step_s": mean(step), "gen_s": mean(gen), "reward_s": mean(reward), "grade_s": mean(grade),
             "update_s": mean(step) - mean(gen) - mean(reward), "caption_tok_s": sum(tokens) / sum(step),
             "reward_mean": mean(rewards)}
 
@@ -296,6 +299,7 @@ def summary(rows: list[dict]) -> dict:
             "reward_ours_spread": spread(of("ours", "reward_mean")), "reward_trl_spread": spread(of("trl", "reward_mean")),
             "gen_speedup_vs_trl": mean(of("trl", "gen_s")) / mean(of("ours", "gen_s")),
             "reward_speedup_vs_trl": mean(of("trl", "reward_s")) / mean(of("ours", "reward_s")),
+            "grade_speedup_vs_trl": mean(of("trl", "grade_s")) / mean(of("ours", "grade_s")),
             "update_speedup_vs_trl": mean(of("trl", "update_s")) / mean(of("ours", "update_s")),
             "seeds": sorted({r["seed"] for r in rows}), "model": rows[0]["model"], "device": device_name()}
 
@@ -349,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{side} seed {seed}: {row['step_s']:.2f} s/step, peak {row['peak_rss_mb']:.0f} MB, "
                       f"reward {row['reward_mean']:.3f}", file=sys.stderr)
                 rows_out.append(row)
-    print_table(rows_out, ["side", "model", "seed", "steps", "step_s", "gen_s", "reward_s", "update_s",
+    print_table(rows_out, ["side", "model", "seed", "steps", "step_s", "gen_s", "reward_s", "grade_s", "update_s",
                            "peak_rss_mb", "caption_tok_s", "reward_mean"])
     if not args.no_csv:
         append_rows(args.csv, rows_out)

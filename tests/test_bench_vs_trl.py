@@ -22,7 +22,7 @@ def test_bench_vs_trl_smoke(tiny_captioner_dir, tiny_reasoner_dir):
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("step_speedup_vs_trl", "memory_vs_trl", "reward_ours", "reward_trl"):
+    for key in ("step_speedup_vs_trl", "memory_vs_trl", "reward_ours", "reward_trl", "grade_speedup_vs_trl"):
         assert key in summary and summary[key] == summary[key], (key, summary)  # present and not NaN
     assert summary["step_speedup_vs_trl"] > 0 and summary["memory_vs_trl"] > 0
     assert 0.0 <= summary["reward_ours"] <= 1.0 and 0.0 <= summary["reward_trl"] <= 1.0
