@@ -112,6 +112,13 @@ def _eos_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     return eos
 
 
+def _warpers(temperature: float, top_p: float) -> list[LogitsProcessor]:
+    """generate()'s warpers for plain temperature + top-p sampling (none when greedy)."""
+    if temperature == 0:
+        return []
+    return [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+
+
 class _SampledLogprobs(LogitsProcessor):
     """Records each step's sampled-token log-prob, holding one (B, V) step instead of (B, S, V) scores.
 
@@ -121,9 +128,7 @@ class _SampledLogprobs(LogitsProcessor):
     """
 
     def __init__(self, temperature: float, top_p: float) -> None:
-        self.warpers = [] if temperature == 0 else [TemperatureLogitsWarper(temperature)]
-        if temperature > 0 and top_p < 1:
-            self.warpers.append(TopPLogitsWarper(top_p))
+        self.warpers = _warpers(temperature, top_p)
         self.prev: Tensor | None = None  # (B, V) log-probs of the step whose token is not yet known
         self.logp: list[Tensor] = []  # S x (B,)
 
@@ -358,8 +363,9 @@ class HFEngine:
         Returns the new tokens and their log-probs, (B * n, S) each."""
         model, ids, mask = self.model, inputs["input_ids"], inputs["attention_mask"]  # (B, T) each
         B = ids.shape[0]
-        warpers = LogitsProcessorList(_SampledLogprobs(sampling.temperature, sampling.top_p).warpers)
+        warpers = LogitsProcessorList(_warpers(sampling.temperature, sampling.top_p))
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T) text positions
+        text = pos[:, -1:].repeat_interleave(n, dim=0)  # (B * n, 1) each row's last prompt position
         rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
         delta = None
         if rope_index is not None:  # Qwen-VL: (4, B, T), the text row over the (t, h, w) rope rows
@@ -380,8 +386,6 @@ class HFEngine:
             logits = logits.repeat_interleave(n, dim=0)  # (B * n, V)
         del out
         mask = mask.repeat_interleave(n, dim=0)  # (B * n, T)
-        text = pos[0, :, -1:] if pos.dim() == 3 else pos[:, -1:]  # (B, 1) the last prompt position
-        text = text.repeat_interleave(n, dim=0)
         delta = None if delta is None else delta.repeat_interleave(n, dim=0)  # (B * n, 1)
         eos = torch.tensor(self.eos_ids, device=ids.device)
         unfinished = torch.ones(B * n, dtype=torch.bool, device=ids.device)
@@ -399,7 +403,7 @@ class HFEngine:
             if step + 1 == sampling.max_tokens or not unfinished.any():
                 break
             text = text + 1
-            step_pos = text if delta is None else torch.stack([text, text + delta, text + delta, text + delta])
+            step_pos = text if delta is None else torch.stack([text, *[text + delta] * 3])  # text row, (t, h, w)
             if padded:
                 mask = torch.cat([mask, mask.new_ones(B * n, 1)], dim=1)
             out = model(input_ids=tok[:, None], attention_mask=mask if padded else None, position_ids=step_pos,

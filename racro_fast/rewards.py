@@ -15,7 +15,6 @@ import logging
 import re
 from collections.abc import Callable
 
-
 # math-verify warns once per process that its own timeout is off: grading here runs with none on
 # purpose, bounded by reward_pool.RewardScorer's killable workers, so its warning is only noise.
 logging.getLogger("math_verify").setLevel(logging.ERROR)

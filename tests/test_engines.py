@@ -144,24 +144,25 @@ def test_hf_seed_is_deterministic_and_leaves_global_rng(reasoner, reasoner_tok, 
     assert a[0][0].token_ids != a[0][1].token_ids, "the n samples of one request must differ"
 
 
+def captioner_requests(tok, processor) -> list[GenRequest]:
+    """Three image requests of different prompt lengths (a padded batch), the images of different sizes:
+    56x56 -> 4 image tokens, 112x84 -> 12, 56x84 -> 6, so rows of a batch carry different numbers of patches."""
+    requests = []
+    for k, (size, problem) in enumerate([((56, 56), "How many shapes?"), ((112, 84), "What is the value of x?"),
+                                         ((56, 84), "Which shape is the tallest one of all?")]):
+        image = Image.new("RGB", size, (40 * k, 120, 200))
+        inp = build_captioner_inputs(tok, processor, captioner_messages(problem, 1), [image])
+        requests.append(GenRequest(prompt_ids=inp.prompt_ids, pixel_values=inp.pixel_values,
+                                   image_grid_thw=inp.image_grid_thw, images=[image],
+                                   vllm_prompt_ids=inp.vllm_prompt_ids))
+    return requests
+
+
 def test_hf_captioner_with_images(tiny_captioner_dir) -> None:
     tok = AutoTokenizer.from_pretrained(str(tiny_captioner_dir))
     processor = AutoImageProcessor.from_pretrained(str(tiny_captioner_dir))
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_captioner_dir))
-    requests = []
-    # 56x56 -> 4 image tokens, 112x84 -> 12: rows of a batch carry different numbers of patches.
-    for k, (size, problem) in enumerate([((56, 56), "How many shapes?"), ((112, 84), "What is the value of x?")]):
-        image = Image.new("RGB", size, (40 * k, 120, 200))
-        inp = build_captioner_inputs(tok, processor, captioner_messages(problem, 1), [image])
-        requests.append(
-            GenRequest(
-                prompt_ids=inp.prompt_ids,
-                pixel_values=inp.pixel_values,
-                image_grid_thw=inp.image_grid_thw,
-                images=[image],
-                vllm_prompt_ids=inp.vllm_prompt_ids,
-            )
-        )
+    requests = captioner_requests(tok, processor)[:2]
     model.train()
     engine = HFEngine(model, tok, batch_size=3)  # n=2: one request (2 rows) per generate call
     for temperature in (1.0, 0.5):
@@ -169,18 +170,6 @@ def test_hf_captioner_with_images(tiny_captioner_dir) -> None:
         assert [len(s) for s in outs] == [2, 2]
         assert_logp_match(model, requests, outs, temperature, ATOL_HF)
     assert model.training
-
-
-def captioner_requests(tok, processor) -> list[GenRequest]:
-    """Three image requests of different prompt lengths (a padded batch), the images of different sizes."""
-    requests = []
-    for k, (size, problem) in enumerate([((56, 56), "How many shapes?"), ((112, 84), "What is the value of x?"),
-                                         ((56, 84), "Which shape is the tallest one of all?")]):
-        image = Image.new("RGB", size, (40 * k, 120, 200))
-        inp = build_captioner_inputs(tok, processor, captioner_messages(problem, 1), [image])
-        requests.append(GenRequest(prompt_ids=inp.prompt_ids, pixel_values=inp.pixel_values,
-                                   image_grid_thw=inp.image_grid_thw, images=[image]))
-    return requests
 
 
 @pytest.mark.parametrize("n, temperature, top_p", [(4, 1.0, 1.0), (4, 0.7, 0.9), (1, 1.0, 1.0), (1, 0.0, 1.0)])
