@@ -6,6 +6,7 @@ the CPU demo and most tests run: the collectives then return their input.
     dist.init(timeout_s=1800)                     # under torchrun: nccl on GPU, gloo on CPU
     n_tokens, n_seqs = dist.all_reduce_sum([n_tokens, n_seqs])
     answers = dist.fail_together("reasoner phase", engine.generate, requests, sampling)
+    dist.shutdown()                               # at the end of a run that finished on every rank
 
 Time: a rank waits in a collective at most the group's timeout (dist.timeout_s: NCCL's watchdog,
 gloo's own timeout), after which the run fails. A wait known to be longer (a reasoner server's cold
@@ -38,6 +39,17 @@ def init(timeout_s: float | None = None) -> None:
             torch.cuda.set_device(local_rank())
         timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
         tdist.init_process_group(backend, timeout=timeout)
+
+
+def shutdown() -> None:
+    """End the process group after a run that finished on every rank: one barrier, so no rank tears
+    its connections down while another still sends, then torch's `destroy_process_group`. A process
+    that exits with the group alive can abort in gloo's or NCCL's destructors during interpreter
+    teardown (SIGABRT, "terminate called without an active exception"). Not for a failed run: the
+    barrier would wait for ranks that have stopped. Nothing in a plain process."""
+    if is_dist():
+        tdist.barrier()
+        tdist.destroy_process_group()
 
 
 def side_group(timeout_s: float):

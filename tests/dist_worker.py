@@ -509,3 +509,5 @@ if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     {"update": run_update, "train": run_train, "vllm": run_vllm, "server": run_server, "faults": run_faults,
      "sleep": run_sleep, "start": run_start, "reshard": run_reshard}[mode](*args)
+    from racro_fast import dist
+    dist.shutdown()  # as `racro-fast train` ends: gloo's threads would abort the interpreter's teardown

@@ -147,3 +147,27 @@ def test_rollout_seeds_never_collide(monkeypatch):
             seeds |= {base + Q * G + j * k + s for j in range(Q * G) for s in range(k)}
             assert len(seeds) == span and not seeds & used, (step, rank)
             used |= seeds
+
+
+def test_shutdown_ends_the_process_group(monkeypatch):
+    """A finished run destroys its process group before the interpreter exits (gloo's threads abort
+    the teardown otherwise); in a plain process it does nothing."""
+    import socket
+
+    import torch.distributed as tdist
+
+    from racro_fast import dist
+    dist.shutdown()  # no group: nothing to do
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)
+    dist.init(timeout_s=60)
+    try:
+        assert dist.is_dist() and dist.all_reduce_sum([2.0]) == [2.0]
+        dist.shutdown()
+        assert not dist.is_dist() and not tdist.is_initialized()
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
