@@ -1,8 +1,8 @@
 """The CPU demo: `racro-fast demo` builds (or reuses) a tiny captioner and reasoner, trains the
 captioner with GRPO, then scores it per question family against the captioner it started from.
 
-    racro-fast demo                                   # configs/demo_cpu.yaml: about 3 min on 2 cores
-                                                      # (and 6 more the first time, building the models)
+    racro-fast demo                                   # configs/demo_cpu.yaml: about 2 min on 2 cores
+                                                      # (and 5 more the first time, building the models)
     racro-fast demo train.steps=20 run.output_dir=runs/short
     racro-fast demo --no-eval
 
@@ -19,12 +19,18 @@ solid or hollow; every question needs one fact of the scene):
   not guess, so a caption earns its reward only by stating what the question needs. It never sees
   an image, and is frozen, as in RACRO.
 - captioner: a two-layer Qwen2.5-VL (embeddings tied, as in Qwen2.5-VL-3B) pre-trained on generic
-  captions that state every fact of a scene, for questions of two families only
-  (SCENE_PRETRAIN_FAMILIES): first in the canonical order, then in a random order, where a quarter
-  of the captions (ASKED_FIRST) state the fact their question asks first, as an instruction-tuned
-  captioner's habit of mentioning what it is asked about. Under the 5-token caption budget of
-  configs/demo_cpu.yaml one or two facts fit: choosing them is what CRO has to teach, from the reasoner's
-  verdicts alone, on all four families, two of which (count, colour_of_fill) pre-training never asked.
+  captions, for questions of two families only (SCENE_PRETRAIN_FAMILIES). A generic caption opens by
+  saying what the image is (PREAMBLE, "an image in detail.") and then states every fact of the
+  scene: first in the canonical order, always with the opening, then in a random order, where half
+  of the captions (PREAMBLE_SHARE) open with it, a quarter (ASKED_FIRST) state the fact their
+  question asks first, as an instruction-tuned captioner's habit of mentioning what it is asked
+  about, and a quarter (COUNT_FIRST) the count. Under the 5-token caption budget of
+  configs/demo_cpu.yaml the opening alone fills the caption, and without it one or two facts fit:
+  dropping the opening and choosing the facts is what CRO has to teach, from the reasoner's verdicts
+  alone, on all four families, two of which (count, colour_of_fill) pre-training never asked. The
+  greedy pre-trained captioner opens every caption the same way, so it answers no question whatever
+  the machine's numerics; without the opening, which fact a random-order mix ranks first was left to
+  chance (the asked one for one family on one CPU, for none on another).
 
 The reasoner (with the tokenizer) and the captioner are cached apart, each under a key that covers
 everything that changes it; `RACRO_FAST_CACHE` moves the cache. The pre-trained captioner's held-out
@@ -63,10 +69,16 @@ from racro_fast.train import train
 log = logging.getLogger("racro_fast.demo")
 
 REASONER_VERSION = 1  # bump when the tokenizer or reasoner recipe below changes
-CAPTIONER_VERSION = 1  # bump when the captioner recipe below changes
-# the share of the captioner's pre-training captions (in random fact order) that state the fact
-# their question asks first
+CAPTIONER_VERSION = 2  # bump when the captioner recipe below changes
+# A generic caption opens by saying what the image is; under the 5-token budget nothing else fits
+# (and the reasoner reads no count or colour in it). Every canonical pre-training caption opens with
+# it, and this share of those in random fact order.
+PREAMBLE = "an image in detail."
+PREAMBLE_SHARE = 0.5
+# the shares of the pre-training captions in random fact order that state the fact their question
+# asks first, and that state the count first (as a generic caption often does)
 ASKED_FIRST = 0.25
+COUNT_FIRST = 0.25
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml"
 
 
@@ -184,10 +196,11 @@ def _scene_reasoner_examples(tok, rows: list[dict], rng: random.Random, n: int, 
 
 
 def _scene_captioner_examples(tok, image_processor, rows: list[dict], rng: random.Random,
-                              asked_first: float) -> tuple[list, list]:
-    """Generic captions of every fact: in the canonical order, and in a random order, where a share
-    `asked_first` of them puts the fact the row's question asks first. A caption starts with a
-    space, so its first fact's key is the token the question has (" big", not "big")."""
+                              asked_first: float, preamble: float) -> tuple[list, list]:
+    """Generic captions of every fact: in the canonical order after PREAMBLE, and in a random order,
+    where a share `asked_first` of them puts the fact the row's question asks first, COUNT_FIRST the
+    count, and a share `preamble` opens with PREAMBLE. A caption starts with a space, so its first
+    fact's key is the token the question has (" big", not "big")."""
     fixed, shuffled = [], []
     eos = [tok.eos_token_id]
     for row in rows:
@@ -195,11 +208,16 @@ def _scene_captioner_examples(tok, image_processor, rows: list[dict], rng: rando
         inputs = build_captioner_inputs(tok, image_processor, captioner_messages(row["problem"], len(images)), images)
         prompt = {"prompt_ids": inputs.prompt_ids, "pixel_values": inputs.pixel_values,
                   "image_grid_thw": inputs.image_grid_thw}
-        fixed.append((prompt, tok.encode(" " + " ".join(row["facts"]), add_special_tokens=False) + eos))
+        fixed.append((prompt, tok.encode(" " + " ".join([PREAMBLE, *row["facts"]]), add_special_tokens=False)
+                      + eos))
         order = rng.sample(row["facts"], len(row["facts"]))
-        if rng.random() < asked_first:
-            order.remove(row["needs"])
-            order.insert(0, row["needs"])
+        first = rng.random()
+        if first < asked_first + COUNT_FIRST:  # the asked fact, or the count, first
+            lead = row["needs"] if first < asked_first else row["facts"][0]
+            order.remove(lead)
+            order.insert(0, lead)
+        if rng.random() < preamble:
+            order.insert(0, PREAMBLE)
         shuffled.append((prompt, tok.encode(" " + " ".join(order), add_special_tokens=False) + eos))
     return fixed, shuffled
 
@@ -408,8 +426,8 @@ def _build_reasoner(tmp: Path, cfg) -> None:
 
 
 def _build_captioner(tmp: Path, cfg, tokenizer_dir: Path) -> None:
-    """The captioner before CRO: every fact of a scene in generic captions, for questions of
-    SCENE_PRETRAIN_FAMILIES only."""
+    """The captioner before CRO: generic captions (PREAMBLE, then every fact of a scene), for
+    questions of SCENE_PRETRAIN_FAMILIES only."""
     seed = cfg.train.seed
     pretrain_rows = _scene_rows(cfg, pretraining=True)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -418,7 +436,8 @@ def _build_captioner(tmp: Path, cfg, tokenizer_dir: Path) -> None:
     captioner, image_processor = build_captioner(tmp / "captioner", tok, seed=seed, kv_heads=2, tied=True)
     image_processor.min_pixels, image_processor.max_pixels = cfg.model.min_pixels, cfg.model.max_pixels
     image_processor.save_pretrained(str(tmp / "captioner"))
-    fixed, shuffled = _scene_captioner_examples(tok, image_processor, pretrain_rows, rng, ASKED_FIRST)
+    fixed, shuffled = _scene_captioner_examples(tok, image_processor, pretrain_rows, rng, ASKED_FIRST,
+                                                PREAMBLE_SHARE)
     loss = _sft(captioner, fixed, steps=1500, batch=16, lr=1e-3, seed=seed + 1, pad_id=tok.pad_token_id,
                 what="captioner")
     loss = _sft(captioner, shuffled, steps=300, batch=16, lr=1e-3, seed=seed + 2, pad_id=tok.pad_token_id,
@@ -436,6 +455,7 @@ def prepare_demo_models(cfg) -> tuple[str, str]:
                     "budget": cfg.rollout.max_caption_tokens}
     rsn = _cached("reasoner", reasoner_key, lambda tmp: _build_reasoner(tmp, cfg))
     captioner_key = {"v": CAPTIONER_VERSION, "reasoner": reasoner_key, "asked_first": ASKED_FIRST,
+                     "preamble": PREAMBLE, "preamble_share": PREAMBLE_SHARE, "count_first": COUNT_FIRST,
                      "min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels}
     cap = _cached("captioner", captioner_key, lambda tmp: _build_captioner(tmp, cfg, rsn / "tokenizer"))
     return str(cap / "captioner"), str(rsn / "reasoner")
