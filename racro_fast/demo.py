@@ -196,10 +196,10 @@ def _scene_reasoner_examples(tok, rows: list[dict], rng: random.Random, n: int, 
 
 
 def _scene_captioner_examples(tok, image_processor, rows: list[dict], rng: random.Random,
-                              asked_first: float, preamble: float) -> tuple[list, list]:
+                              asked_first: float, count_first: float, preamble: float) -> tuple[list, list]:
     """Generic captions of every fact: in the canonical order after PREAMBLE, and in a random order,
-    where a share `asked_first` of them puts the fact the row's question asks first, COUNT_FIRST the
-    count, and a share `preamble` opens with PREAMBLE. A caption starts with a space, so its first
+    where a share `asked_first` of them puts the fact the row's question asks first, `count_first`
+    the count, and a share `preamble` opens with PREAMBLE. A caption starts with a space, so its first
     fact's key is the token the question has (" big", not "big")."""
     fixed, shuffled = [], []
     eos = [tok.eos_token_id]
@@ -212,7 +212,7 @@ def _scene_captioner_examples(tok, image_processor, rows: list[dict], rng: rando
                       + eos))
         order = rng.sample(row["facts"], len(row["facts"]))
         first = rng.random()
-        if first < asked_first + COUNT_FIRST:  # the asked fact, or the count, first
+        if first < asked_first + count_first:  # the asked fact, or the count, first
             lead = row["needs"] if first < asked_first else row["facts"][0]
             order.remove(lead)
             order.insert(0, lead)
@@ -437,7 +437,7 @@ def _build_captioner(tmp: Path, cfg, tokenizer_dir: Path) -> None:
     image_processor.min_pixels, image_processor.max_pixels = cfg.model.min_pixels, cfg.model.max_pixels
     image_processor.save_pretrained(str(tmp / "captioner"))
     fixed, shuffled = _scene_captioner_examples(tok, image_processor, pretrain_rows, rng, ASKED_FIRST,
-                                                PREAMBLE_SHARE)
+                                                COUNT_FIRST, PREAMBLE_SHARE)
     loss = _sft(captioner, fixed, steps=1500, batch=16, lr=1e-3, seed=seed + 1, pad_id=tok.pad_token_id,
                 what="captioner")
     loss = _sft(captioner, shuffled, steps=300, batch=16, lr=1e-3, seed=seed + 2, pad_id=tok.pad_token_id,
