@@ -44,7 +44,6 @@ def _profile(argv: list[str]) -> int:
 
     import torch
 
-    from racro_fast import dist
     from racro_fast.config import load_config
     from racro_fast.demo import demo_config
     from racro_fast.train import train
@@ -64,7 +63,6 @@ def _profile(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
         result = train(cfg)
-    dist.shutdown()
     trace = out / "profile_trace.json"
     prof.export_chrome_trace(str(trace))
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"

@@ -34,7 +34,9 @@ class ConfigError(ValueError):
 
 
 def run_main(fn, argv: list[str] | None = None) -> int:
-    """Run an entry point; a user's mistake (ConfigError) is one line and exit status 2.
+    """Run an entry point; a user's mistake (ConfigError) is one line and exit status 2. An entry
+    point that returns ends the process group its run made (dist.shutdown), before the interpreter's
+    teardown; one that raised leaves it to the launcher.
 
     `--debug` anywhere in argv is taken out and lets the traceback through instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -48,12 +50,16 @@ def run_main(fn, argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
         disable_progress_bars()
     try:
-        return fn(argv)
+        code = fn(argv)
     except ConfigError as e:
         if debug:
             raise
         print(f"racro-fast: error: {e}", file=sys.stderr)
         return 2
+    dist = sys.modules.get("racro_fast.dist")  # not imported: no process group was made
+    if dist is not None:
+        dist.shutdown()
+    return code
 
 
 @dataclass

@@ -6,7 +6,7 @@ the CPU demo and most tests run: the collectives then return their input.
     dist.init(timeout_s=1800)                     # under torchrun: nccl on GPU, gloo on CPU
     n_tokens, n_seqs = dist.all_reduce_sum([n_tokens, n_seqs])
     answers = dist.fail_together("reasoner phase", engine.generate, requests, sampling)
-    dist.shutdown()                               # at the end of a run that finished on every rank
+    dist.shutdown()                               # config.run_main calls it when an entry point returns
 
 Time: a rank waits in a collective at most the group's timeout (dist.timeout_s: NCCL's watchdog,
 gloo's own timeout), after which the run fails. A wait known to be longer (a reasoner server's cold

@@ -568,7 +568,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args = p.parse_args(argv)
     train(load_config(args.config, args.overrides))
-    dist.shutdown()
     return 0
 
 

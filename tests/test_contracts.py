@@ -151,12 +151,14 @@ def test_rollout_seeds_never_collide(monkeypatch):
 
 def test_shutdown_ends_the_process_group(monkeypatch):
     """A finished run destroys its process group before the interpreter exits (gloo's threads abort
-    the teardown otherwise); in a plain process it does nothing."""
+    the teardown otherwise): every entry point's wrapper (run_main) does it when the entry point
+    returns; in a plain process there is nothing to do."""
     import socket
 
     import torch.distributed as tdist
 
     from racro_fast import dist
+    from racro_fast.config import run_main
     dist.shutdown()  # no group: nothing to do
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -167,6 +169,13 @@ def test_shutdown_ends_the_process_group(monkeypatch):
     try:
         assert dist.is_dist() and dist.all_reduce_sum([2.0]) == [2.0]
         dist.shutdown()
+        assert not dist.is_dist() and not tdist.is_initialized()
+
+        def entry_point(argv):  # as `racro-fast train` under torchrun: train() makes the group
+            dist.init(timeout_s=60)
+            return 0 if dist.all_reduce_sum([1.0]) == [1.0] else 1
+
+        assert run_main(entry_point, []) == 0
         assert not dist.is_dist() and not tdist.is_initialized()
     finally:
         if tdist.is_initialized():
