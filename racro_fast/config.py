@@ -111,6 +111,8 @@ class RolloutConfig:
     max_reasoner_tokens: int = 8192
     reward: str = "boxed_math"  # key of rewards.REWARD_FUNCS
     reward_timeout: float = 5.0  # seconds per grading call; a timeout scores 0
+    # grading processes, each item time-bounded (reward_pool.py); 0: in the trainer's process under a
+    # SIGALRM timer (no process memory, but a hang inside one C call is not cut short)
     reward_workers: int = 2
     # vLLM gpu_memory_utilization of each engine while it is awake; the two never are at once (sleep
     # mode), so each only has to fit beside the trainer's resident state (parallel.memory_plan)
@@ -270,7 +272,7 @@ def validate(cfg: Config) -> Config:
     need(r.max_caption_tokens >= 1, "rollout.max_caption_tokens", "must be >= 1")
     need(r.max_reasoner_tokens >= 1, "rollout.max_reasoner_tokens", "must be >= 1")
     need(r.reward_timeout > 0, "rollout.reward_timeout", "must be > 0")
-    need(r.reward_workers >= 1, "rollout.reward_workers", "must be >= 1")
+    need(r.reward_workers >= 0, "rollout.reward_workers", "must be >= 0 (0: grade in the trainer's process)")
     need(r.reasoner_timeout > 0, "rollout.reasoner_timeout", "must be > 0")
     need(r.reasoner_start_timeout > 0, "rollout.reasoner_start_timeout", "must be > 0")
     need(r.reasoner_max_inflight >= 0, "rollout.reasoner_max_inflight", "must be >= 0 (0: derived)")

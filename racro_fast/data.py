@@ -274,7 +274,8 @@ def _load(
         raise ValueError(f"paths: cannot tell the format of {path}; pass fmt='parquet' or fmt='jsonl'")
     table, records = None, None
     if kind == "parquet":
-        table = pq.read_table(path, memory_map=True)
+        # one file's reader: read_table goes through pyarrow.dataset, whose first use imports pandas (~50 MB)
+        table = pq.ParquetFile(path, memory_map=True).read()
         columns = list(table.column_names)
     else:
         records = []

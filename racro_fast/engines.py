@@ -102,6 +102,17 @@ def check_requests(requests: list[GenRequest]) -> None:
             raise ValueError(f"requests[{i}]: pixel_values and image_grid_thw must be given together")
 
 
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """How many first tokens every prompt has in common, leaving each at least its last token."""
+    first, P = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        k = 0
+        while k < P and p[k] == first[k]:
+            k += 1
+        P = k
+    return max(P, 0)
+
+
 def _eos_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     eos = model.generation_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -237,18 +248,25 @@ class SleepContract:
 class HFEngine:
     """Sampling with a transformers model on the trainer's own model object (no copy, nothing to push).
 
-    Requests are sorted by prompt length so batches pad little, left-padded, `batch_size // n`
-    requests per call, each sampled n times in it. A request's image and prompt go through the
-    model once and its n samples decode from one KV cache (`_decode`: generate's draws, to the
-    token); `hf_generate=True` runs transformers' `generate` with num_return_sequences instead,
-    which prefills the prompt n times. With a seed the global RNG is forked and restored, so the
-    trainer's RNG stream is untouched; the samples then depend on the seed, the requests and `batch_size`
-    (vLLM seeds per request instead). The checkpoint's own generation defaults (Qwen ships
-    top_k=1, repetition_penalty=1.05) are overridden so that sampling is plain temperature +
-    top-p, as in `VLLMEngine`.
+    Requests are sorted by prompt length so batches pad little, left-padded, at most `batch_size`
+    rows (samples) a call. A request's image and prompt go through the model once and its n samples
+    decode from one KV cache (`_decode`: generate's draws, to the token); text requests with the
+    same prompt are one such prefill too, their samples drawn independently from it. In a batch of
+    text prompts, the tokens they all start with (a chat template's system turn, the reasoner's
+    instruction before the caption) go through the model once and their cache is shared by every
+    row (`share_prefix`; the same keys, values and positions, so the same distribution, within
+    float rounding of a row-by-row prefill). `hf_generate=True` runs transformers' `generate`
+    with num_return_sequences instead, which prefills every copy. With a seed the global RNG is
+    forked and restored, so the trainer's RNG stream is untouched; the samples then depend on the
+    seed, the requests and `batch_size` (vLLM seeds per request instead). The checkpoint's own
+    generation defaults (Qwen ships top_k=1, repetition_penalty=1.05) are overridden so that
+    sampling is plain temperature + top-p, as in `VLLMEngine`.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64, hf_generate: bool = False) -> None:
+    MIN_SHARED_PREFIX = 8  # tokens: a shorter common start is not worth its own forward
+
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64, hf_generate: bool = False,
+                 share_prefix: bool = True) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if tokenizer.pad_token_id is None:
@@ -257,6 +275,7 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.hf_generate = hf_generate
+        self.share_prefix = share_prefix and not hf_generate
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
 
@@ -264,9 +283,10 @@ class HFEngine:
         check_requests(requests)
         # A request's n samples are rows of one call: its image goes through the vision tower
         # once, not n times. Greedy samples are all the same: one row, copied.
-        n = 1 if sampling.temperature == 0 else sampling.n
-        per_call = max(1, self.batch_size // n)
-        order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
+        greedy = sampling.temperature == 0
+        n = 1 if greedy else sampling.n
+        units = self._units(requests, max(1, self.batch_size // n))  # requests that share one prefill, shortest first
+        rows = [1 if greedy else len(u) * n for u in units]  # greedy: one row for a prompt, copied
         samples: list[list[GenOutput]] = [[] for _ in requests]
         device = next(self.model.parameters()).device
         was_training = self.model.training
@@ -276,27 +296,60 @@ class HFEngine:
             with torch.random.fork_rng(devices=cuda, enabled=sampling.seed is not None):
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
-                for start in range(0, len(order), per_call):
-                    batch = order[start : start + per_call]
-                    outs = self._generate_batch([requests[i] for i in batch], sampling, device, n)
-                    for j, i in enumerate(batch):
-                        samples[i] = outs[j * n : (j + 1) * n] if n > 1 else [replace(outs[j]) for _ in range(sampling.n)]
+                start = 0
+                while start < len(units):  # consecutive units, at most batch_size rows (one unit at least)
+                    stop = start + 1
+                    while stop < len(units) and sum(rows[start:stop + 1]) <= self.batch_size:
+                        stop += 1
+                    outs = iter(self._generate_batch([requests[u[0]] for u in units[start:stop]], rows[start:stop],
+                                                      sampling, device))
+                    for u in units[start:stop]:
+                        one = next(outs) if greedy else None
+                        for i in u:
+                            samples[i] = ([replace(one) for _ in range(sampling.n)] if greedy
+                                          else [next(outs) for _ in range(n)])
+                    start = stop
         finally:
             self.model.train(was_training)
         return samples
 
+    def _units(self, requests: list[GenRequest], per_call: int) -> list[list[int]]:
+        """The requests as prefills: a text prompt asked several times is one (at most `per_call`
+        copies), any other request its own; sorted by prompt length."""
+        units: list[list[int]] = []
+        same: dict[tuple[int, ...], list[int]] = {}
+        for i, r in enumerate(requests):
+            if r.pixel_values is not None or self.hf_generate:
+                units.append([i])
+                continue
+            key = tuple(r.prompt_ids)
+            if key not in same or len(same[key]) == per_call:
+                same[key] = [i]
+                units.append(same[key])
+            else:
+                same[key].append(i)
+        return sorted(units, key=lambda u: len(requests[u[0]].prompt_ids))
+
     def _generate_batch(
-        self, batch: list[GenRequest], sampling: SamplingConfig, device: torch.device, n: int
+        self, batch: list[GenRequest], reps: list[int], sampling: SamplingConfig, device: torch.device
     ) -> list[GenOutput]:
-        """`n` samples of each request of `batch`, request by request (B * n outputs)."""
-        B, T = len(batch), max(len(r.prompt_ids) for r in batch)
-        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)  # (B, T), left-padded
-        attention_mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
-        for b, r in enumerate(batch):
-            input_ids[b, T - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            attention_mask[b, T - len(r.prompt_ids) :] = 1
-        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        """`reps[b]` samples of each request b of `batch`, request by request (sum(reps) outputs)."""
+        B = len(batch)
+        prompts = [r.prompt_ids for r in batch]
         with_images = [r for r in batch if r.pixel_values is not None]
+        P = shared_prefix(prompts) if self.share_prefix and not with_images and B > 1 else 0
+        if P < self.MIN_SHARED_PREFIX:
+            P = 0
+        T = max(len(p) for p in prompts) - P
+        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)  # (B, T), left-padded after the prefix
+        attention_mask = torch.zeros((B, P + T), dtype=torch.long)  # (B, P + T)
+        attention_mask[:, :P] = 1
+        for b, ids in enumerate(prompts):
+            input_ids[b, T - len(ids) + P :] = torch.tensor(ids[P:])
+            attention_mask[b, P + T - len(ids) + P :] = 1
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        if P:
+            inputs["prefix_ids"] = torch.tensor([prompts[0][:P]], device=device)  # (1, P)
         if with_images:
             # The vision tower consumes patches image by image in row order, matching the pads.
             inputs["pixel_values"] = torch.cat([r.pixel_values for r in with_images]).to(device)
@@ -304,17 +357,17 @@ class HFEngine:
             # the modality of each token, for Qwen2.5-VL's 3-D positions (1-D without it, unlike training and vLLM)
             inputs["mm_token_type_ids"] = mm_token_types(inputs["input_ids"], self.model.config)
         if self.hf_generate:
-            new, logp = self._hf_generate(inputs, sampling, T, n)
+            new, logp = self._hf_generate(inputs, sampling, T, reps[0])
         else:
-            new, logp = self._decode(inputs, sampling, n)  # (B * n, S) each
-        is_eos = torch.isin(new, torch.tensor(self.eos_ids, device=new.device))  # (B * n, S)
+            new, logp = self._decode(inputs, sampling, torch.tensor(reps, device=device))  # (sum(reps), S) each
+        is_eos = torch.isin(new, torch.tensor(self.eos_ids, device=new.device))  # (rows, S)
         has_eos = is_eos.any(dim=1)
         # Keep through the first EOS; generate pads finished rows after it.
-        first_eos = is_eos.int().argmax(dim=1)  # (B * n,)
-        length = torch.where(has_eos, first_eos + 1, new.shape[1])  # (B * n,)
+        first_eos = is_eos.int().argmax(dim=1)  # (rows,)
+        length = torch.where(has_eos, first_eos + 1, new.shape[1])  # (rows,)
         new, logp, length, has_eos = new.tolist(), logp.tolist(), length.tolist(), has_eos.tolist()
         results = []
-        for b in range(B * n):
+        for b in range(len(new)):
             ids = new[b][: length[b]]
             results.append(
                 GenOutput(
@@ -350,52 +403,64 @@ class HFEngine:
         return new, record.finish(new[:, -1])
 
     @torch.no_grad()
-    def _decode(self, inputs: dict, sampling: SamplingConfig, n: int) -> tuple[Tensor, Tensor]:
-        """n samples of each of the B prompts in `inputs`, the prompt's forward (vision tower and
-        prefill) run once and its KV cache repeated n times before the first draw. (generate with
-        num_return_sequences repeats the prompt first and prefills every copy: n times the prefill.)
+    def _decode(self, inputs: dict, sampling: SamplingConfig, reps: Tensor) -> tuple[Tensor, Tensor]:
+        """reps[b] samples of each of the B prompts in `inputs`, the prompt's forward (vision tower
+        and prefill) run once and its KV cache repeated reps[b] times before the first draw.
+        (generate with num_return_sequences repeats the prompt first and prefills every copy.) With
+        `prefix_ids` (1, P), the rows' shared first P tokens, those go through the model once and
+        the rows' own tokens (input_ids) are prefilled after the cache of that one row, repeated.
 
         The draws are generate's: its temperature and top-p warpers, softmax and one multinomial
-        draw (argmax when greedy) a step over all B * n rows in float32, rows padded once finished,
+        draw (argmax when greedy) a step over all rows in float32, rows padded once finished,
         stopping when every row has finished or at max_tokens; positions and masks as generate
         passes them (Qwen-VL's text row over its 3-D rope rows; no mask without padding). With
-        row-independent kernels the tokens are generate's to the bit (tests/test_engines.py).
-        Returns the new tokens and their log-probs, (B * n, S) each."""
-        model, ids, mask = self.model, inputs["input_ids"], inputs["attention_mask"]  # (B, T) each
-        B = ids.shape[0]
+        row-independent kernels and no shared prefix the tokens are generate's to the bit
+        (tests/test_engines.py). Returns the new tokens and their log-probs, (sum(reps), S) each."""
+        model, ids, mask = self.model, inputs["input_ids"], inputs["attention_mask"]  # (B, T), (B, P + T)
+        prefix = inputs.get("prefix_ids")  # (1, P) or None
+        B, T = ids.shape
+        rows = torch.arange(B, device=ids.device).repeat_interleave(reps)  # (R,) the prompt of each row
+        R = rows.numel()
         warpers = LogitsProcessorList(_warpers(sampling.temperature, sampling.top_p))
-        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T) text positions
-        text = pos[:, -1:].repeat_interleave(n, dim=0)  # (B * n, 1) each row's last prompt position
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, P + T) text positions
+        text = pos[rows, -1:]  # (R, 1) each row's last prompt position
         rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
         delta = None
-        if rope_index is not None:  # Qwen-VL: (4, B, T), the text row over the (t, h, w) rope rows
+        if rope_index is not None:  # Qwen-VL: (4, B, P + T), the text row over the (t, h, w) rope rows
             if "image_grid_thw" in inputs:
                 rope, delta = rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
                                          image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
             else:
                 rope, delta = pos.expand(3, -1, -1), torch.zeros(B, 1, dtype=torch.long, device=ids.device)
             pos = torch.cat([pos[None], rope])
-        padded = not bool(mask.all())
+        padded = prefix is not None or not bool(mask.all())
         extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
-        out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=pos, use_cache=True,
-                    logits_to_keep=1, **extra)
+        cache = None
+        if prefix is not None:  # the shared first tokens once, their cache then one per prompt
+            P = prefix.shape[1]
+            cache = model(input_ids=prefix, position_ids=pos[..., :1, :P], use_cache=True,
+                          logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(B)
+            pos = pos[..., P:]
+        out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=pos, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1, **extra)
         cache = out.past_key_values
         logits = out.logits[:, -1].float()  # (B, V)
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-            logits = logits.repeat_interleave(n, dim=0)  # (B * n, V)
+        if R != B:
+            cache.reorder_cache(rows)
+            logits = logits[rows]  # (R, V)
         del out
-        mask = mask.repeat_interleave(n, dim=0)  # (B * n, T)
-        delta = None if delta is None else delta.repeat_interleave(n, dim=0)  # (B * n, 1)
+        mask = mask[rows]  # (R, P + T)
+        delta = None if delta is None else delta[rows]  # (R, 1)
         eos = torch.tensor(self.eos_ids, device=ids.device)
-        unfinished = torch.ones(B * n, dtype=torch.bool, device=ids.device)
+        unfinished = torch.ones(R, dtype=torch.bool, device=ids.device)
         tokens, logps = [], []
         for step in range(sampling.max_tokens):
             scores = warpers(None, logits)
             if sampling.temperature == 0:
                 tok = scores.argmax(dim=-1)
             else:
-                tok = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # (B * n,)
+                tok = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # (R,)
             logps.append(F.log_softmax(scores, dim=-1).gather(-1, tok[:, None]).squeeze(-1))
             tok = torch.where(unfinished, tok, self.pad_id)
             tokens.append(tok)
@@ -405,7 +470,7 @@ class HFEngine:
             text = text + 1
             step_pos = text if delta is None else torch.stack([text, *[text + delta] * 3])  # text row, (t, h, w)
             if padded:
-                mask = torch.cat([mask, mask.new_ones(B * n, 1)], dim=1)
+                mask = torch.cat([mask, mask.new_ones(R, 1)], dim=1)
             out = model(input_ids=tok[:, None], attention_mask=mask if padded else None, position_ids=step_pos,
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1].float()

@@ -11,7 +11,8 @@ Attention runs per segment (`varlen_attention`): a prompt attends causally to it
 [its prompt; itself] (causal, aligned at the end). That is flash-attn's varlen call with the keys
 gathered per segment, or, where flash-attn is not installed, torch's own
 `torch.nn.attention.varlen.varlen_attn` (CUDA; causal through window_size=(-1, 0), GQA through
-enable_gqa; no dropout); on other devices the same segments go through SDPA one by one (exact).
+enable_gqa; no dropout); on other devices the same segments go through SDPA, those of one shape
+(captions of one length under prompts of one length) in one batched call (exact).
 The CPU tests run the loop, and the arguments of both varlen calls through plain-torch renderings
 of their documented contracts.
 
@@ -57,6 +58,13 @@ class VarlenLayout:
             self._cache[key] = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
         return self._cache[key]
 
+    def group_keys(self, segments: list[int], device) -> Tensor:
+        """The key positions of `segments`, one segment's after another's (built once for every layer)."""
+        key = ("keys", tuple(segments))
+        if key not in self._cache:
+            self._cache[key] = torch.cat([self.kv_index[self.cu_k[i]:self.cu_k[i + 1]] for i in segments]).to(device)
+        return self._cache[key]
+
     def flash_args(self, device) -> tuple[Tensor, Tensor, int, int]:
         """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) on the device."""
         if "flash" not in self._cache:
@@ -74,36 +82,45 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, scal
 
     flash: a function with flash_attn_varlen_func's signature and contract; by default on CUDA
     flash-attn's own when it imports, else torch's varlen_attn behind that signature (without
-    dropout); elsewhere the segments go through SDPA one by one."""
-    kc = k[0].index_select(1, layout.kv_index)  # (Hkv, K, d): each segment's keys, prompts repeated per caption
-    vc = v[0].index_select(1, layout.kv_index)
+    dropout); elsewhere the segments go through SDPA, those of one shape in one batched call."""
     if flash is None and q.is_cuda:
         flash = _flash_varlen() or (_torch_varlen(varlen_attn_fn()) if dropout == 0.0 else None)
-    if flash is not None:
-        cu_q, cu_k, max_q, max_k = layout.flash_args(q.device)
-        # (total, heads, d) in and out; causal masks are aligned at the end of the keys (flash-attn >= 2.1)
-        o = flash(q[0].transpose(0, 1), kc.transpose(0, 1), vc.transpose(0, 1), cu_q, cu_k, max_q, max_k,
-                  dropout_p=dropout, softmax_scale=scale, causal=True)  # (T, H, d)
-        return o.unsqueeze(0)
-    H, Hkv = q.shape[1], k.shape[1]
-    gqa = H != Hkv
-    # split, not a slice per segment: the backward of a slice writes into zeros of the whole row
-    # (S segments cost S rows' memory traffic), one split's backward is one concatenation
+    if flash is None:
+        return _segments_by_shape(q, k, v, layout, scale, dropout, gqa=q.shape[1] != k.shape[1])
+    kc = k[0].index_select(1, layout.kv_index)  # (Hkv, K, d): each segment's keys, prompts repeated per caption
+    vc = v[0].index_select(1, layout.kv_index)
+    cu_q, cu_k, max_q, max_k = layout.flash_args(q.device)
+    # (total, heads, d) in and out; causal masks are aligned at the end of the keys (flash-attn >= 2.1)
+    o = flash(q[0].transpose(0, 1), kc.transpose(0, 1), vc.transpose(0, 1), cu_q, cu_k, max_q, max_k,
+              dropout_p=dropout, softmax_scale=scale, causal=True)  # (T, H, d)
+    return o.unsqueeze(0)
+
+
+def _segments_by_shape(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, scale: float, dropout: float,
+                       gqa: bool) -> Tensor:
+    """The segments through SDPA, those of one shape (captions of one length under prompts of one
+    length; prompts of one length) in one batched call, each segment's keys gathered once.
+    -> (1, T, H, d)"""
     len_q = [b - a for a, b in zip(layout.cu_q, layout.cu_q[1:])]
     len_k = [b - a for a, b in zip(layout.cu_k, layout.cu_k[1:])]
-    out = []
-    for qs, ks, vs in zip(q[0].split(len_q, dim=1), kc.split(len_k, dim=1), vc.split(len_k, dim=1)):
-        # (H, Lq, d), (Hkv, Lk, d)
-        if qs.shape[1] == 0:
-            continue
-        if qs.shape[1] == ks.shape[1]:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, dropout_p=dropout,
-                                               enable_gqa=gqa)
-        else:
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=layout.mask(qs.shape[1], ks.shape[1], q.device),
-                                               scale=scale, dropout_p=dropout, enable_gqa=gqa)
-        out.append(o)  # (H, Lq, d)
-    return torch.cat(out, dim=1).transpose(0, 1).unsqueeze(0)  # (1, T, H, d)
+    # split, not a slice per segment: the backward of a slice writes into zeros of the whole row
+    # (S segments cost S rows' memory traffic), one split's backward is one concatenation
+    qs = q[0].split(len_q, dim=1)  # (H, Lq, d) each
+    shapes: dict[tuple[int, int], list[int]] = {}
+    for i, (lq, lk) in enumerate(zip(len_q, len_k)):
+        if lq:
+            shapes.setdefault((lq, lk), []).append(i)
+    out: list[Tensor | None] = [None] * len(len_q)
+    for (lq, lk), idx in shapes.items():
+        keys = layout.group_keys(idx, q.device)  # (N * Lk,) the group's keys, segment after segment
+        kb, vb = (t[0].index_select(1, keys).unflatten(1, (len(idx), lk)).transpose(0, 1) for t in (k, v))
+        qb = qs[idx[0]][None] if len(idx) == 1 else torch.stack([qs[i] for i in idx])  # (N, H, Lq, d)
+        mask = None if lq == lk else layout.mask(lq, lk, q.device)
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           dropout_p=dropout, enable_gqa=gqa)  # (N, H, Lq, d)
+        for i, oi in zip(idx, o.unbind(0)):
+            out[i] = oi
+    return torch.cat([o for o in out if o is not None], dim=1).transpose(0, 1).unsqueeze(0)
 
 
 @functools.cache

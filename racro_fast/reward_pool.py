@@ -4,11 +4,17 @@ most `timeout` seconds and a zero reward instead of a stalled training step.
 
     with RewardScorer("boxed_math", timeout=5.0, workers=2) as scorer:
         rewards = scorer.score(completions, answers)   # 0.0 for an item that raised or hung
+
+With workers=0 the items are graded in the calling process (its main thread), each bounded by a
+SIGALRM timer: no process to start or feed, and none of its memory (~60 MB each), but a hang
+inside one C call (a huge integer power, say) is only cut short when that call returns, and a
+grader that crashes the process takes the trainer with it. For short answers of a known grader.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -109,6 +115,11 @@ class _Worker:
         self.conn.close()
 
 
+class _Overrun(BaseException):
+    """An in-process item past its time (a BaseException, so that a grader's `except Exception`
+    does not swallow it)."""
+
+
 class RewardScorer:
     """Scores completions with a reward function in worker processes, each item time-bounded.
 
@@ -123,6 +134,9 @@ class RewardScorer:
     (up to `memo_size` pairs), so that a pair seen before, in this call or an earlier one (a
     group's reasoner answers repeat), costs no worker time. A failed item is not kept. A
     callable of the caller's is run on every item (it may sample).
+
+    workers=0: in this process, each item under a SIGALRM timer of `timeout` seconds (the module
+    docstring says what that does not cover); the scorer must be made and used in the main thread.
     """
 
     memo_size = 1 << 16
@@ -136,8 +150,11 @@ class RewardScorer:
             raise ValueError(f"fn_name: expected a reward name or a callable, got {fn_name!r}")
         if not timeout > 0:
             raise ValueError(f"timeout: must be > 0 seconds, got {timeout}")
-        if workers < 1:
-            raise ValueError(f"workers: must be >= 1, got {workers}")
+        if workers < 0:
+            raise ValueError(f"workers: must be >= 0 (0: in this process), got {workers}")
+        if workers == 0 and threading.current_thread() is not threading.main_thread():
+            raise ValueError("workers: 0 grades in this process under SIGALRM, which only the main thread can "
+                             "set; use workers >= 1 here")
         self.fn = fn_name
         self.timeout = float(timeout)
         self.n_timeout = 0
@@ -146,6 +163,8 @@ class RewardScorer:
         self._failed: set[int] = set()  # items of the current call that scored 0 by failure
         # Started now so that the imports overlap with whatever the caller does next.
         self._workers = [_Worker(self.fn) for _ in range(workers)]
+        self._func = (REWARD_FUNCS[fn_name] if isinstance(fn_name, str) else fn_name) if workers == 0 else None
+        self._running = False  # an in-process item is being graded (the timer may end it)
 
     def score(self, completions: list[str], answers: list[str]) -> list[float]:
         if len(completions) != len(answers):
@@ -166,6 +185,8 @@ class RewardScorer:
     def _score(self, completions: list[str], answers: list[str]) -> list[float]:
         """Each item in the workers, time-bounded; the items that failed are left in `_failed`."""
         self._failed = set()
+        if self._func is not None:
+            return self._score_here(completions, answers)
         n = len(completions)
         out = [0.0] * n
         per = -(-n // len(self._workers)) if n else 0
@@ -213,6 +234,32 @@ class RewardScorer:
                         self.close()
                         raise RuntimeError(f"reward worker did not start within {_STARTUP_TIMEOUT:g}s")
                     self._replace(w, completions, answers, out, "timeout", f"no answer within {self.timeout:g}s")
+        return out
+
+    def _score_here(self, completions: list[str], answers: list[str]) -> list[float]:
+        """Each item in this process under a SIGALRM timer; the previous handler is put back after."""
+        def overrun(signum, frame) -> None:
+            if self._running:  # not once the item has returned and the timer is being stopped
+                raise _Overrun
+
+        out = [0.0] * len(completions)
+        previous = signal.signal(signal.SIGALRM, overrun)
+        try:
+            for i, (completion, answer) in enumerate(zip(completions, answers)):
+                try:
+                    self._running = True
+                    signal.setitimer(signal.ITIMER_REAL, self.timeout)
+                    try:
+                        out[i] = float(self._func(completion, answer))
+                    finally:  # from here on the timer cannot raise: the handlers below run unbothered
+                        self._running = False
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+                except _Overrun:
+                    self._fail(i, "timeout", f"no answer within {self.timeout:g}s", completions)
+                except Exception as e:  # noqa: BLE001 - any failure of one item scores 0
+                    self._fail(i, "error", f"{type(e).__name__}: {e}", completions)
+        finally:
+            signal.signal(signal.SIGALRM, previous)
         return out
 
     def _send(self, w: _Worker, completions: list[str], answers: list[str]) -> None:

@@ -6,6 +6,8 @@ by real Adam steps and check vLLM's log-probs against the HF model's.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,7 +190,8 @@ def test_hf_draws_are_generates(tiny_captioner_dir, reasoner, reasoner_tok, text
         # a second EOS id, a token drawn mid-caption, so that rows stop while others go on
         model.generation_config.eos_token_id = [t.eos_token_id]
         model.generation_config.eos_token_id.append(HFEngine(model, t).generate(requests, sampling)[0][0].token_ids[1])
-        ours = HFEngine(model, t, batch_size=8).generate(requests, sampling)  # padded calls
+        # padded calls, each row's whole prompt prefilled as generate does (the shared prefix is tested below)
+        ours = HFEngine(model, t, batch_size=8, share_prefix=False).generate(requests, sampling)
         copies = HFEngine(model, t, batch_size=8, hf_generate=True).generate(requests, sampling)
         for i, (a, b) in enumerate(zip(ours, copies)):
             assert [o.token_ids for o in a] == [o.token_ids for o in b], f"request {i}: draws differ from generate's"
@@ -199,6 +202,53 @@ def test_hf_draws_are_generates(tiny_captioner_dir, reasoner, reasoner_tok, text
     # teacher-forced too (the random captioner samples image tokens, which a forward cannot take back)
     assert_logp_match(reasoner, text_requests, ours, temperature, ATOL_HF, top_p=top_p)
     assert stops > 0, "no sample met EOS: the stop inside a batch went unchecked"
+
+
+def forward_widths(model) -> list[tuple[int, int]]:
+    """Record the (rows, tokens) of every forward of `model` from now on."""
+    seen, forward = [], model.forward
+
+    def recording(*args, **kwargs):
+        seen.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+    model.forward = recording
+    return seen
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_hf_shared_prefix_goes_through_once(reasoner, reasoner_tok, text_requests, temperature) -> None:
+    # The reasoner's prompts start with the same chat turn and instruction: those tokens are one
+    # forward of one row, then each row prefills only its own tokens on that cache. The answers are
+    # the row-by-row prefill's within float rounding: teacher-forced log-probs, and greedy tokens.
+    prefix = len(os.path.commonprefix([r.prompt_ids for r in text_requests]))
+    assert prefix >= HFEngine.MIN_SHARED_PREFIX, f"the test prompts share only {prefix} tokens"
+    sampling = SamplingConfig(n=2, temperature=temperature, max_tokens=12, seed=4)
+    widths = forward_widths(reasoner)
+    outs = HFEngine(reasoner, reasoner_tok).generate(text_requests, sampling)
+    longest = max(len(r.prompt_ids) for r in text_requests)
+    assert widths[0] == (1, prefix), f"first forward {widths[0]}: not the shared prefix once"
+    assert widths[1] == (len(text_requests), longest - prefix), f"second forward {widths[1]}: not the rows' own tokens"
+    assert_logp_match(reasoner, text_requests, outs, temperature, ATOL_HF)
+    if temperature == 0:
+        plain = HFEngine(reasoner, reasoner_tok, share_prefix=False).generate(text_requests, sampling)
+        assert [[o.token_ids for o in s] for s in outs] == [[o.token_ids for o in s] for s in plain]
+
+
+def test_hf_repeated_prompts_prefill_once_and_draw_apart(reasoner, reasoner_tok, text_requests) -> None:
+    # Captions that came out the same give the reasoner the same prompt: it is prefilled once and
+    # each copy still gets its own n independent samples (not copies of one another's).
+    requests = [text_requests[0], text_requests[1], text_requests[0], text_requests[0]]
+    widths = forward_widths(reasoner)
+    outs = HFEngine(reasoner, reasoner_tok, share_prefix=False).generate(
+        requests, SamplingConfig(n=2, temperature=1.0, max_tokens=10, seed=2))
+    assert widths[0][0] == 2, f"prefill of {widths[0][0]} rows for 2 distinct prompts"
+    assert widths[1][0] == 8, f"decode of {widths[1][0]} rows for 4 requests x 2 samples"
+    assert [len(s) for s in outs] == [2, 2, 2, 2]
+    copies = [tuple(o.token_ids) for i in (0, 2, 3) for o in outs[i]]
+    assert len(set(copies)) > 1, "the copies of one prompt drew the same samples"
+    assert_logp_match(reasoner, requests, outs, 1.0, ATOL_HF)
+    greedy = HFEngine(reasoner, reasoner_tok).generate(requests, SamplingConfig(n=2, temperature=0.0, max_tokens=10))
+    assert greedy[0][0].token_ids == greedy[2][1].token_ids == greedy[3][0].token_ids
 
 
 def test_bad_input_raises() -> None:

@@ -156,7 +156,7 @@ def test_scorer_rejects_bad_arguments():
     with pytest.raises(ValueError, match="timeout"):
         RewardScorer(timeout=0)
     with pytest.raises(ValueError, match="workers"):
-        RewardScorer(workers=0)
+        RewardScorer(workers=-1)
     with RewardScorer(workers=1) as scorer, pytest.raises(ValueError, match="answers"):
         scorer.score(["a", "b"], ["a"])
 
@@ -190,6 +190,47 @@ def test_scorer_survives_a_worker_that_dies():
         assert scorer.score(["ok", "crash", "ok"], ["x"] * 3) == [1.0, 0.0, 1.0]
         assert (scorer.n_error, scorer.n_timeout) == (1, 0)
         assert scorer.score(["ok"], ["x"]) == [1.0]
+
+
+def test_scorer_in_process_bounds_each_item(caplog):
+    # workers=0: graded in this process, no child started; a hung item ends at its timer and scores
+    # 0, an item that raises scores 0, the rest are graded, and the SIGALRM handler is put back
+    import psutil
+    children = len(psutil.Process().children())
+    previous = signal.getsignal(signal.SIGALRM)
+    with RewardScorer(hang_on_slow, timeout=1.0, workers=0) as scorer:
+        assert len(psutil.Process().children()) == children, "workers=0 started a process"
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="racro_fast.rewards"):
+            scores = scorer.score(["ok", "slow", "ok"], ["x"] * 3)
+        elapsed = time.monotonic() - start
+        assert scores == [1.0, 0.0, 1.0]
+        assert (scorer.n_timeout, scorer.n_error) == (1, 0)
+        assert elapsed < 10, f"a hung item must cost about the timeout, took {elapsed:.1f}s"
+        assert any("timeout" in r.getMessage() for r in caplog.records), caplog.text
+        assert signal.getsignal(signal.SIGALRM) is previous
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0), "the timer was left running"
+    with RewardScorer(raise_on_bad, timeout=5.0, workers=0) as scorer:
+        assert scorer.score(["ok", "bad", "ok"], ["x"] * 3) == [1.0, 0.0, 1.0]
+        assert (scorer.n_error, scorer.n_timeout) == (1, 0)
+    with RewardScorer("boxed_math", timeout=5.0, workers=0) as scorer:
+        completions = ["\\boxed{0.5}", "\\boxed{2}", "no box", "\\boxed{\\frac{3}{4}}", "\\boxed{B}"]
+        assert scorer.score(completions, ["1/2", "3", "1", "0.75", "b"]) == [1.0, 0.0, 0.0, 1.0, 1.0]
+
+
+def test_scorer_in_process_needs_the_main_thread():
+    import threading
+    errors = []
+
+    def make() -> None:
+        try:
+            RewardScorer("boxed_math", workers=0)
+        except ValueError as e:
+            errors.append(str(e))
+    t = threading.Thread(target=make)
+    t.start()
+    t.join()
+    assert errors and "main thread" in errors[0], errors
 
 
 def test_floor_short_captions():
