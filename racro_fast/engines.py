@@ -102,17 +102,6 @@ def check_requests(requests: list[GenRequest]) -> None:
             raise ValueError(f"requests[{i}]: pixel_values and image_grid_thw must be given together")
 
 
-def shared_prefix(prompts: list[list[int]]) -> int:
-    """How many first tokens every prompt has in common, leaving each at least its last token."""
-    first, P = prompts[0], min(len(p) for p in prompts) - 1
-    for p in prompts[1:]:
-        k = 0
-        while k < P and p[k] == first[k]:
-            k += 1
-        P = k
-    return max(P, 0)
-
-
 def _eos_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     eos = model.generation_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -298,8 +287,9 @@ class HFEngine:
                     torch.manual_seed(sampling.seed)
                 start = 0
                 while start < len(units):  # consecutive units, at most batch_size rows (one unit at least)
-                    stop = start + 1
-                    while stop < len(units) and sum(rows[start:stop + 1]) <= self.batch_size:
+                    stop, total = start + 1, rows[start]
+                    while stop < len(units) and total + rows[stop] <= self.batch_size:
+                        total += rows[stop]
                         stop += 1
                     outs = iter(self._generate_batch([requests[u[0]] for u in units[start:stop]], rows[start:stop],
                                                       sampling, device))
@@ -337,7 +327,9 @@ class HFEngine:
         B = len(batch)
         prompts = [r.prompt_ids for r in batch]
         with_images = [r for r in batch if r.pixel_values is not None]
-        P = shared_prefix(prompts) if self.share_prefix and not with_images and B > 1 else 0
+        P = 0
+        if self.share_prefix and not with_images and B > 1:  # the common start, each row keeping its last token
+            P = min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)
         if P < self.MIN_SHARED_PREFIX:
             P = 0
         T = max(len(p) for p in prompts) - P
