@@ -41,7 +41,9 @@ from typing import ClassVar, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import (DynamicCache, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
+                          TopPLogitsWarper)
+from transformers.cache_utils import DynamicLayer
 
 from racro_fast.prompts import mm_token_types
 
@@ -234,6 +236,44 @@ class SleepContract:
             self._fail("generate", "the weights were discarded by sleep(level=2): push weights before generating")
 
 
+class _RoomyLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views of buffers with room for `reserve` more
+    tokens: a decode step writes its token into the room instead of concatenating the whole cache
+    into a new tensor (which, over a decode, copies the cache once per token). A cache that was
+    replaced (repeated, reordered) or is out of room is copied once into new buffers."""
+
+    def __init__(self, reserve: int) -> None:
+        super().__init__()
+        self.reserve = reserve
+        self.room: tuple[Tensor, Tensor] | None = None  # the buffers keys and values are views of
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, new = self.get_seq_length(), key_states.shape[-2]
+        kr, vr = self.room or (None, None)
+        if (kr is None or kr.shape[0] != key_states.shape[0] or n + new > kr.shape[-2]
+                or (n and self.keys.data_ptr() != kr.data_ptr())):
+            b, h, _, d = key_states.shape
+            kr = key_states.new_empty(b, h, n + new + self.reserve, d)
+            vr = value_states.new_empty(b, value_states.shape[1], n + new + self.reserve, value_states.shape[-1])
+            if n:
+                kr[:, :, :n] = self.keys
+                vr[:, :, :n] = self.values
+            self.room = kr, vr
+        kr[:, :, n:n + new] = key_states
+        vr[:, :, n:n + new] = value_states
+        self.keys, self.values = kr[:, :, :n + new], vr[:, :, :n + new]
+        return self.keys, self.values
+
+
+def _roomy_cache(model: torch.nn.Module, reserve: int) -> DynamicCache:
+    """The DynamicCache the model would make itself, its full-attention layers `_RoomyLayer`s."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_RoomyLayer(reserve) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 class HFEngine:
     """Sampling with a transformers model on the trainer's own model object (no copy, nothing to push).
 
@@ -244,7 +284,9 @@ class HFEngine:
     text prompts, the tokens they all start with (a chat template's system turn, the reasoner's
     instruction before the caption) go through the model once and their cache is shared by every
     row (`share_prefix`; the same keys, values and positions, so the same distribution, within
-    float rounding of a row-by-row prefill). `hf_generate=True` runs transformers' `generate`
+    float rounding of a row-by-row prefill). The KV cache keeps room for the decode's tokens
+    (`_RoomyLayer`): a step writes its token in place, where a DynamicCache concatenates the whole
+    cache into a new tensor at each token. `hf_generate=True` runs transformers' `generate`
     with num_return_sequences instead, which prefills every copy. With a seed the global RNG is
     forked and restored, so the trainer's RNG stream is untouched; the samples then depend on the
     seed, the requests and `batch_size` (vLLM seeds per request instead). The checkpoint's own
@@ -427,11 +469,11 @@ class HFEngine:
             pos = torch.cat([pos[None], rope])
         padded = prefix is not None or not bool(mask.all())
         extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
-        cache = None
+        cache = _roomy_cache(model, sampling.max_tokens)
         if prefix is not None:  # the shared first tokens once, their cache then one per prompt
             P = prefix.shape[1]
-            cache = model(input_ids=prefix, position_ids=pos[..., :1, :P], use_cache=True,
-                          logits_to_keep=1).past_key_values
+            model(input_ids=prefix, position_ids=pos[..., :1, :P], past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)
             cache.batch_repeat_interleave(B)
             pos = pos[..., P:]
         out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=pos, past_key_values=cache,

@@ -12,7 +12,9 @@ Attention runs per segment (`varlen_attention`): a prompt attends causally to it
 gathered per segment, or, where flash-attn is not installed, torch's own
 `torch.nn.attention.varlen.varlen_attn` (CUDA; causal through window_size=(-1, 0), GQA through
 enable_gqa; no dropout); on other devices the same segments go through SDPA, those of one shape
-(captions of one length under prompts of one length) in one batched call (exact).
+(captions of one length under prompts of one length) in one batched call (exact). On CPU that call
+is torch's CPU flash kernel and its backward kernel (`_SegmentsCPU`): the backward gathers each
+call's keys again instead of keeping them (a prompt's keys once per caption).
 The CPU tests run the loop, and the arguments of both varlen calls through plain-torch renderings
 of their documented contracts.
 
@@ -52,10 +54,14 @@ class VarlenLayout:
     kv_index: Tensor  # (cu_k[-1],) long
     _cache: dict = field(default_factory=dict)  # masks and flash-attn's arguments, built once for every layer
 
-    def mask(self, q_len: int, k_len: int, device) -> Tensor:
-        key = (q_len, k_len)
+    def mask(self, q_len: int, k_len: int, device, dtype: torch.dtype = torch.bool) -> Tensor:
+        """The causal mask of a q_len x k_len segment aligned at the end of the keys: bool (True
+        where a query sees a key) or, for a float dtype, additive (0 there, -inf elsewhere)."""
+        key = (q_len, k_len, dtype)
         if key not in self._cache:
-            self._cache[key] = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+            sees = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+            self._cache[key] = sees if dtype == torch.bool else torch.zeros(
+                q_len, k_len, dtype=dtype, device=device).masked_fill(~sees, float("-inf"))
         return self._cache[key]
 
     def group_keys(self, segments: list[int], device) -> Tensor:
@@ -63,6 +69,23 @@ class VarlenLayout:
         key = ("keys", tuple(segments))
         if key not in self._cache:
             self._cache[key] = torch.cat([self.kv_index[self.cu_k[i]:self.cu_k[i + 1]] for i in segments]).to(device)
+        return self._cache[key]
+
+    def shape_groups(self, device, mask_dtype: torch.dtype) -> list[tuple[list[int], Tensor, Tensor, Tensor | None]]:
+        """The non-empty segments by shape (Lq, Lk), each group as (segments, their query positions,
+        their key positions (one segment's after another's), the causal mask of Lq < Lk or None for
+        Lq == Lk (`mask` of mask_dtype)); built once for every layer."""
+        key = ("groups", mask_dtype)
+        if key not in self._cache:
+            shapes: dict[tuple[int, int], list[int]] = {}
+            for i in range(len(self.cu_q) - 1):
+                lq, lk = self.cu_q[i + 1] - self.cu_q[i], self.cu_k[i + 1] - self.cu_k[i]
+                if lq:
+                    shapes.setdefault((lq, lk), []).append(i)
+            self._cache[key] = [
+                (idx, torch.cat([torch.arange(self.cu_q[i], self.cu_q[i + 1]) for i in idx]).to(device),
+                 self.group_keys(idx, device), None if lq == lk else self.mask(lq, lk, device, mask_dtype))
+                for (lq, lk), idx in shapes.items()]
         return self._cache[key]
 
     def flash_args(self, device) -> tuple[Tensor, Tensor, int, int]:
@@ -101,26 +124,73 @@ def _segments_by_shape(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, sc
     """The segments through SDPA, those of one shape (captions of one length under prompts of one
     length; prompts of one length) in one batched call, each segment's keys gathered once.
     -> (1, T, H, d)"""
+    if q.device.type == "cpu" and dropout == 0.0:  # torch's CPU flash kernel, the one SDPA runs there
+        return _SegmentsCPU.apply(q[0], k[0], v[0], layout.shape_groups(q.device, q.dtype), scale
+                                  ).transpose(0, 1).unsqueeze(0)
     len_q = [b - a for a, b in zip(layout.cu_q, layout.cu_q[1:])]
-    len_k = [b - a for a, b in zip(layout.cu_k, layout.cu_k[1:])]
     # split, not a slice per segment: the backward of a slice writes into zeros of the whole row
     # (S segments cost S rows' memory traffic), one split's backward is one concatenation
     qs = q[0].split(len_q, dim=1)  # (H, Lq, d) each
-    shapes: dict[tuple[int, int], list[int]] = {}
-    for i, (lq, lk) in enumerate(zip(len_q, len_k)):
-        if lq:
-            shapes.setdefault((lq, lk), []).append(i)
     out: list[Tensor | None] = [None] * len(len_q)
-    for (lq, lk), idx in shapes.items():
-        keys = layout.group_keys(idx, q.device)  # (N * Lk,) the group's keys, segment after segment
-        kb, vb = (t[0].index_select(1, keys).unflatten(1, (len(idx), lk)).transpose(0, 1) for t in (k, v))
+    k0, v0 = k[0], v[0]  # (Hkv, T, d)
+    for idx, _, keys, mask in layout.shape_groups(q.device, torch.bool):
+        kb, vb = _gather(k0, keys, len(idx)), _gather(v0, keys, len(idx))
         qb = qs[idx[0]][None] if len(idx) == 1 else torch.stack([qs[i] for i in idx])  # (N, H, Lq, d)
-        mask = None if lq == lk else layout.mask(lq, lk, q.device)
         o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None, scale=scale,
                                            dropout_p=dropout, enable_gqa=gqa)  # (N, H, Lq, d)
         for i, oi in zip(idx, o.unbind(0)):
             out[i] = oi
     return torch.cat([o for o in out if o is not None], dim=1).transpose(0, 1).unsqueeze(0)
+
+
+def _gather(t: Tensor, index: Tensor, n: int) -> Tensor:
+    """t (heads, T, d) at the positions `index` (n segments of one length, one after another)
+    -> (n, heads, L, d)."""
+    return t.index_select(1, index).unflatten(1, (n, -1)).transpose(0, 1)
+
+
+def _scatter(t: Tensor) -> Tensor:
+    """(n, heads, L, d) -> (heads, n * L, d), the inverse of `_gather`'s reshaping."""
+    return t.transpose(0, 1).flatten(1, 2)
+
+
+class _SegmentsCPU(torch.autograd.Function):
+    """Every segment of a packed row on CPU, those of one shape in one call of torch's CPU flash
+    kernel (what F.scaled_dot_product_attention runs there, GQA included), and its backward kernel.
+    The backward keeps the packed row's q, k, v and output, not each call's gathered keys (a
+    prompt's once per caption: most of the attention's memory), and gathers them again; the
+    gradients of all the calls go into one buffer each.
+
+    q (H, T, d), k and v (Hkv, T, d); groups: `VarlenLayout.shape_groups` (additive masks). -> (H, T, d)"""
+
+    @staticmethod
+    def forward(ctx, q, k, v, groups, scale):
+        out = q.new_empty(q.shape)  # the segments cover the row: every query is written once
+        lse = []
+        for idx, queries, keys, mask in groups:
+            n = len(idx)
+            o, m = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                _gather(q, queries, n), _gather(k, keys, n), _gather(v, keys, n), 0.0, mask is None,
+                attn_mask=mask, scale=scale)
+            out.index_copy_(1, queries, _scatter(o))
+            lse.append(m)
+        ctx.save_for_backward(q, k, v, out, *lse)
+        ctx.groups, ctx.scale = groups, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, *lse = ctx.saved_tensors
+        dq, dk, dv = q.new_empty(q.shape), torch.zeros_like(k), torch.zeros_like(v)
+        for (idx, queries, keys, mask), m in zip(ctx.groups, lse):
+            n = len(idx)
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                _gather(grad, queries, n), _gather(q, queries, n), _gather(k, keys, n), _gather(v, keys, n),
+                _gather(out, queries, n), m, 0.0, mask is None, attn_mask=mask, scale=ctx.scale)
+            dq.index_copy_(1, queries, _scatter(gq))
+            dk.index_add_(1, keys, _scatter(gk))
+            dv.index_add_(1, keys, _scatter(gv))
+        return dq, dk, dv, None, None
 
 
 @functools.cache

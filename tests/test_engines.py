@@ -251,6 +251,56 @@ def test_hf_repeated_prompts_prefill_once_and_draw_apart(reasoner, reasoner_tok,
     assert greedy[0][0].token_ids == greedy[2][1].token_ids == greedy[3][0].token_ids
 
 
+def test_roomy_cache_layer_writes_in_place() -> None:
+    # A decode step's token goes into the buffer's room: the layer returns the concatenation's
+    # values, its keys stay a view of one buffer, and a cache replaced by a repeat or a reorder
+    # (new tensors) is copied once into a new buffer with room again.
+    from racro_fast.engines import _RoomyLayer
+    g = torch.Generator().manual_seed(0)
+    kv = lambda b, t: (torch.randn(b, 2, t, 8, generator=g), torch.randn(b, 2, t, 8, generator=g))  # noqa: E731
+    layer, k, v = _RoomyLayer(reserve=3), *kv(2, 5)
+    ref_k, ref_v = layer.update(k, v)
+    buffer = layer.room[0].data_ptr()
+    for _ in range(3):
+        k, v = kv(2, 1)
+        keys, values = layer.update(k, v)
+        ref_k, ref_v = torch.cat([ref_k, k], dim=2), torch.cat([ref_v, v], dim=2)
+        assert torch.equal(keys, ref_k) and torch.equal(values, ref_v)
+        assert keys.data_ptr() == buffer, "a decode step copied the cache"
+    k, v = kv(2, 1)  # past the room: one copy into a new buffer
+    keys, _ = layer.update(k, v)
+    assert torch.equal(keys, torch.cat([ref_k, k], dim=2)) and layer.room[0].data_ptr() != buffer
+    ref_k = keys.index_select(0, torch.tensor([1, 1, 0]))
+    layer.reorder_cache(torch.tensor([1, 1, 0]))
+    k, v = kv(3, 1)
+    keys, _ = layer.update(k, v)
+    assert torch.equal(keys, torch.cat([ref_k, k], dim=2)) and keys.data_ptr() == layer.room[0].data_ptr()
+
+
+def test_hf_decode_copies_the_cache_a_few_times_not_once_a_token(reasoner, reasoner_tok, text_requests,
+                                                                 monkeypatch) -> None:
+    # Over a decode of 12 tokens, each layer's cache gets a new buffer only where the engine
+    # replaced it (the prefix's repeat, the reorder into samples), not at each token as a
+    # DynamicCache does (a concatenation of the whole cache per token).
+    from racro_fast import engines
+    buffers: dict[int, list] = {}  # layer -> [its buffers now, how many it has had]
+    update = engines._RoomyLayer.update
+
+    def recording(self, *args, **kwargs):
+        out = update(self, *args, **kwargs)
+        seen = buffers.setdefault(id(self), [None, 0])
+        if self.room is not seen[0]:
+            seen[:] = [self.room, seen[1] + 1]
+        return out
+
+    monkeypatch.setattr(engines._RoomyLayer, "update", recording)
+    outs = HFEngine(reasoner, reasoner_tok).generate(text_requests, SamplingConfig(n=2, temperature=1.0, max_tokens=12,
+                                                                                   seed=0))
+    assert max(len(o.token_ids) for s in outs for o in s) > 4, "the decode stopped too early to tell"
+    assert len(buffers) == reasoner.config.num_hidden_layers
+    assert all(n <= 3 for _, n in buffers.values()), [n for _, n in buffers.values()]
+
+
 def test_bad_input_raises() -> None:
     for field, kw in [("n", {"n": 0}), ("temperature", {"temperature": -1.0}), ("top_p", {"top_p": 0.0}),
                       ("max_tokens", {"max_tokens": 0})]:

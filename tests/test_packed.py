@@ -318,3 +318,42 @@ def test_varlen_call_matches_the_segment_loop(tiny, call):
         real = varlen_attn_fn()
         assert real is not None, "torch >= 2.10 ships torch.nn.attention.varlen.varlen_attn"
         assert {"scale", "window_size", "enable_gqa"} <= set(inspect.signature(real).parameters)
+
+
+def test_cpu_attention_is_sdpa_without_keeping_the_gathered_keys(tiny):
+    """On CPU, the segments of one shape go through torch's CPU flash kernel (what SDPA runs
+    there) with its backward: output and gradients equal, to the bit, SDPA on each segment's
+    gathered keys, GQA included; and nothing the backward keeps has the gathered keys' shape (the
+    prompt's keys once per caption), only the packed row's keys and values."""
+    from racro_fast.packed import varlen_attention
+    model, tok, proc = tiny
+    samples = make_samples(tok, proc, [1, 2], G=4)
+    layout = pack(model, samples, group_samples(samples), CPU, cache_vision=False).layout
+    T, H, Hkv, d = int(layout.cu_q[-1]), 4, 2, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, T, d, generator=g, requires_grad=True) for n in (H, Hkv, Hkv))
+    w = torch.randn(1, T, H, d, generator=g)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = varlen_attention(q, k, v, layout, scale=d ** -0.5)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    assert not [s for s in saved if len(s) == 4 and s[1] == Hkv], f"gathered keys kept for the backward: {saved}"
+    assert (Hkv, T, d) in saved
+
+    ref = []
+    for i in range(len(layout.cu_q) - 1):  # one SDPA call per segment on its gathered keys
+        lo, hi = layout.cu_q[i], layout.cu_q[i + 1]
+        if hi == lo:
+            continue
+        keys = layout.kv_index[layout.cu_k[i]:layout.cu_k[i + 1]]
+        lk, lq = len(keys), hi - lo
+        mask = None if lq == lk else torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+        ref.append(torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, lo:hi], k[:, :, keys], v[:, :, keys], attn_mask=mask, is_causal=mask is None, scale=d ** -0.5,
+            enable_gqa=True))
+    ref = torch.cat(ref, dim=2).transpose(1, 2)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    assert torch.equal(out, ref)
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert_close(a, b, 1e-6, f"d{name}")
