@@ -240,7 +240,8 @@ class _RoomyLayer(DynamicLayer):
     """A DynamicLayer whose keys and values are views of buffers with room for `reserve` more
     tokens: a decode step writes its token into the room instead of concatenating the whole cache
     into a new tensor (which, over a decode, copies the cache once per token). A cache that was
-    replaced (repeated, reordered) or is out of room is copied once into new buffers."""
+    replaced (repeated, reordered) or is out of room is copied once into new buffers, with room for
+    `reserve` more again: a long decode copies its cache once every `reserve` tokens."""
 
     def __init__(self, reserve: int) -> None:
         super().__init__()
@@ -284,9 +285,9 @@ class HFEngine:
     text prompts, the tokens they all start with (a chat template's system turn, the reasoner's
     instruction before the caption) go through the model once and their cache is shared by every
     row (`share_prefix`; the same keys, values and positions, so the same distribution, within
-    float rounding of a row-by-row prefill). The KV cache keeps room for the decode's tokens
-    (`_RoomyLayer`): a step writes its token in place, where a DynamicCache concatenates the whole
-    cache into a new tensor at each token. `hf_generate=True` runs transformers' `generate`
+    float rounding of a row-by-row prefill). The KV cache keeps room for the decode's next tokens
+    (`_RoomyLayer`, up to CACHE_ROOM at a time): a step writes its token in place, where a
+    DynamicCache concatenates the whole cache into a new tensor at each token. `hf_generate=True` runs transformers' `generate`
     with num_return_sequences instead, which prefills every copy. With a seed the global RNG is
     forked and restored, so the trainer's RNG stream is untouched; the samples then depend on the
     seed, the requests and `batch_size` (vLLM seeds per request instead). The checkpoint's own
@@ -295,6 +296,7 @@ class HFEngine:
     """
 
     MIN_SHARED_PREFIX = 8  # tokens: a shorter common start is not worth its own forward
+    CACHE_ROOM = 128  # tokens a KV cache buffer holds beyond what is in it (rows that stop early never use it)
 
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64, hf_generate: bool = False,
                  share_prefix: bool = True) -> None:
@@ -469,7 +471,7 @@ class HFEngine:
             pos = torch.cat([pos[None], rope])
         padded = prefix is not None or not bool(mask.all())
         extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
-        cache = _roomy_cache(model, sampling.max_tokens)
+        cache = _roomy_cache(model, min(sampling.max_tokens, self.CACHE_ROOM))
         if prefix is not None:  # the shared first tokens once, their cache then one per prompt
             P = prefix.shape[1]
             model(input_ids=prefix, position_ids=pos[..., :1, :P], past_key_values=cache, use_cache=True,

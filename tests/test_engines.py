@@ -277,12 +277,18 @@ def test_roomy_cache_layer_writes_in_place() -> None:
     assert torch.equal(keys, torch.cat([ref_k, k], dim=2)) and keys.data_ptr() == layer.room[0].data_ptr()
 
 
-def test_hf_decode_copies_the_cache_a_few_times_not_once_a_token(reasoner, reasoner_tok, text_requests,
+@pytest.mark.parametrize("room", [None, 4])
+def test_hf_decode_copies_the_cache_a_few_times_not_once_a_token(reasoner, reasoner_tok, text_requests, room,
                                                                  monkeypatch) -> None:
     # Over a decode of 12 tokens, each layer's cache gets a new buffer only where the engine
-    # replaced it (the prefix's repeat, the reorder into samples), not at each token as a
-    # DynamicCache does (a concatenation of the whole cache per token).
+    # replaced it (the prefix's repeat, the reorder into samples) and, with room for 4 tokens at a
+    # time, once every 4 tokens: not at each token, as a DynamicCache does (a concatenation of the
+    # whole cache per token). The samples are the same whatever the room.
     from racro_fast import engines
+    sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=12, seed=0)
+    expected = HFEngine(reasoner, reasoner_tok).generate(text_requests, sampling) if room else None
+    if room:
+        monkeypatch.setattr(HFEngine, "CACHE_ROOM", room)
     buffers: dict[int, list] = {}  # layer -> [its buffers now, how many it has had]
     update = engines._RoomyLayer.update
 
@@ -294,11 +300,14 @@ def test_hf_decode_copies_the_cache_a_few_times_not_once_a_token(reasoner, reaso
         return out
 
     monkeypatch.setattr(engines._RoomyLayer, "update", recording)
-    outs = HFEngine(reasoner, reasoner_tok).generate(text_requests, SamplingConfig(n=2, temperature=1.0, max_tokens=12,
-                                                                                   seed=0))
-    assert max(len(o.token_ids) for s in outs for o in s) > 4, "the decode stopped too early to tell"
+    outs = HFEngine(reasoner, reasoner_tok).generate(text_requests, sampling)
+    assert max(len(o.token_ids) for s in outs for o in s) > 8, "the decode stopped too early to tell"
     assert len(buffers) == reasoner.config.num_hidden_layers
-    assert all(n <= 3 for _, n in buffers.values()), [n for _, n in buffers.values()]
+    most = 3 if room is None else 3 + 12 // room
+    assert all(n <= most for _, n in buffers.values()), [n for _, n in buffers.values()]
+    if room:
+        assert [[o.token_ids for o in s] for s in outs] == [[o.token_ids for o in s] for s in expected]
+        assert [[o.logprobs for o in s] for s in outs] == [[o.logprobs for o in s] for s in expected]
 
 
 def test_bad_input_raises() -> None:
