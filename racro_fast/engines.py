@@ -287,12 +287,12 @@ class HFEngine:
     row (`share_prefix`; the same keys, values and positions, so the same distribution, within
     float rounding of a row-by-row prefill). The KV cache keeps room for the decode's next tokens
     (`_RoomyLayer`, up to CACHE_ROOM at a time): a step writes its token in place, where a
-    DynamicCache concatenates the whole cache into a new tensor at each token. `hf_generate=True` runs transformers' `generate`
-    with num_return_sequences instead, which prefills every copy. With a seed the global RNG is
-    forked and restored, so the trainer's RNG stream is untouched; the samples then depend on the
-    seed, the requests and `batch_size` (vLLM seeds per request instead). The checkpoint's own
-    generation defaults (Qwen ships top_k=1, repetition_penalty=1.05) are overridden so that
-    sampling is plain temperature + top-p, as in `VLLMEngine`.
+    DynamicCache concatenates the whole cache into a new tensor at each token. `hf_generate=True`
+    runs transformers' `generate` with num_return_sequences instead, which prefills every copy.
+    With a seed the global RNG is forked and restored, so the trainer's RNG stream is untouched;
+    the samples then depend on the seed, the requests and `batch_size` (vLLM seeds per request
+    instead). The checkpoint's own generation defaults (Qwen ships top_k=1, repetition_penalty=1.05)
+    are overridden so that sampling is plain temperature + top-p, as in `VLLMEngine`.
     """
 
     MIN_SHARED_PREFIX = 8  # tokens: a shorter common start is not worth its own forward
