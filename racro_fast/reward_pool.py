@@ -45,14 +45,19 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
+def _reward_func(fn: str | Callable[[str, str], float]) -> Callable[[str, str], float]:
+    """The function of a REWARD_FUNCS name (or the callable itself), the grader imported: its import
+    belongs to start-up, not to the first item's time."""
+    import math_verify  # noqa: F401
+    return REWARD_FUNCS[fn] if isinstance(fn, str) else fn
+
+
 def _worker_main(conn: Connection, parent: int) -> None:
     """A grading process: the trainer's sys.path, then the reward function (a REWARD_FUNCS name,
     or a callable pickled by reference), then jobs until None or EOF."""
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     sys.path[:] = conn.recv()  # before the callable is unpickled: it may live beside the trainer
-    fn = conn.recv()
-    func = REWARD_FUNCS[fn] if isinstance(fn, str) else fn
-    import math_verify  # noqa: F401 - the grader's import belongs to start-up, not to the first item
+    func = _reward_func(conn.recv())
     conn.send(("ready",))
     while True:
         try:
@@ -163,7 +168,7 @@ class RewardScorer:
         self._failed: set[int] = set()  # items of the current call that scored 0 by failure
         # Started now so that the imports overlap with whatever the caller does next.
         self._workers = [_Worker(self.fn) for _ in range(workers)]
-        self._func = (REWARD_FUNCS[fn_name] if isinstance(fn_name, str) else fn_name) if workers == 0 else None
+        self._func = _reward_func(fn_name) if workers == 0 else None
         self._running = False  # an in-process item is being graded (the timer may end it)
 
     def score(self, completions: list[str], answers: list[str]) -> list[float]:
