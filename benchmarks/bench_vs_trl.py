@@ -114,11 +114,12 @@ class ReasonerReward:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from racro_fast.engines import HFEngine
+        from racro_fast.parallel import inflight_per_rank
         self.__name__ = "reasoner"
         self.cfg, self.calls, self.seconds, self.grade_seconds, self.means, self.tokens = cfg, 0, [], [], [], []
         self.tok = AutoTokenizer.from_pretrained(cfg.model.reasoner)
         model = AutoModelForCausalLM.from_pretrained(cfg.model.reasoner, dtype=getattr(torch, cfg.model.dtype)).eval()
-        self.engine = HFEngine(model, self.tok)
+        self.engine = HFEngine(model, self.tok, batch_size=inflight_per_rank(cfg, 0, 1))  # our side's batch
 
     def __call__(self, prompts, completions, completion_ids, problem, answer, **_) -> list[float]:
         from racro_fast.engines import GenRequest, SamplingConfig

@@ -89,6 +89,7 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     engine: Literal["vllm", "hf"] = "vllm"  # the captioner's: in-process vLLM, or transformers generate (CPU)
+    hf_batch: int = 64  # rows (captions) a call of the "hf" captioner engine decodes together
     # the reasoner's: "server" = vLLM's OpenAI-compatible server, one per node, started by the trainer
     # (or rollout.reasoner_url); "hf" = transformers generate in the trainer process (CPU)
     reasoner_engine: Literal["server", "hf"] = "server"
@@ -275,6 +276,7 @@ def validate(cfg: Config) -> Config:
     need(r.reward_workers >= 0, "rollout.reward_workers", "must be >= 0 (0: grade in the trainer's process)")
     need(r.reasoner_timeout > 0, "rollout.reasoner_timeout", "must be > 0")
     need(r.reasoner_start_timeout > 0, "rollout.reasoner_start_timeout", "must be > 0")
+    need(r.hf_batch >= 1, "rollout.hf_batch", "must be >= 1")
     need(r.reasoner_max_inflight >= 0, "rollout.reasoner_max_inflight", "must be >= 0 (0: derived)")
     need(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0")
     # the other ranks wait in a collective while one finishes its reasoner requests, up to the phase's deadline

@@ -45,6 +45,7 @@ from transformers import (DynamicCache, LogitsProcessor, LogitsProcessorList, Te
                           TopPLogitsWarper)
 from transformers.cache_utils import DynamicLayer
 
+from racro_fast.packed import SharedPrefix, enable_packed, shares_prefix
 from racro_fast.prompts import mm_token_types
 
 log = logging.getLogger(__name__)
@@ -239,9 +240,10 @@ class SleepContract:
 class _RoomyLayer(DynamicLayer):
     """A DynamicLayer whose keys and values are views of buffers with room for `reserve` more
     tokens: a decode step writes its token into the room instead of concatenating the whole cache
-    into a new tensor (which, over a decode, copies the cache once per token). A cache that was
-    replaced (repeated, reordered) or is out of room is copied once into new buffers, with room for
-    `reserve` more again: a long decode copies its cache once every `reserve` tokens."""
+    into a new tensor (which, over a decode, copies the cache once per token). A reorder (a
+    prompt's cache repeated for its samples) gathers into new buffers with room; a cache replaced
+    otherwise (a repeat) or out of room is copied once into new buffers, with room for `reserve`
+    more again: a long decode copies its cache once every `reserve` tokens."""
 
     def __init__(self, reserve: int) -> None:
         super().__init__()
@@ -267,6 +269,21 @@ class _RoomyLayer(DynamicLayer):
         self.keys, self.values = kr[:, :, :n + new], vr[:, :, :n + new]
         return self.keys, self.values
 
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        """The rows in `beam_idx`'s order (repeats allowed), gathered straight into new buffers
+        with room: one copy (DynamicLayer's index_select, then the next update's copy, are two)."""
+        n = self.get_seq_length()
+        if n == 0:
+            return
+        idx = beam_idx.to(self.keys.device)
+        rooms = []
+        for t in (self.keys, self.values):
+            room = t.new_empty(idx.numel(), t.shape[1], n + self.reserve, t.shape[-1])
+            torch.index_select(t, 0, idx, out=room[:, :, :n])
+            rooms.append(room)
+        self.room = rooms[0], rooms[1]
+        self.keys, self.values = rooms[0][:, :, :n], rooms[1][:, :, :n]
+
 
 def _roomy_cache(model: torch.nn.Module, reserve: int) -> DynamicCache:
     """The DynamicCache the model would make itself, its full-attention layers `_RoomyLayer`s."""
@@ -283,9 +300,11 @@ class HFEngine:
     decode from one KV cache (`_decode`: generate's draws, to the token); text requests with the
     same prompt are one such prefill too, their samples drawn independently from it. In a batch of
     text prompts, the tokens they all start with (a chat template's system turn, the reasoner's
-    instruction before the caption) go through the model once and their cache is shared by every
-    row (`share_prefix`; the same keys, values and positions, so the same distribution, within
-    float rounding of a row-by-row prefill). The KV cache keeps room for the decode's next tokens
+    instruction before the caption) go through the model once, and every row attends that one copy
+    of their keys and values (`share_prefix`, `packed.prefix_attention`: the same keys, values and
+    positions, so the same distribution, within float rounding of a row-by-row prefill); a row's
+    cache holds only its own tokens, and a decode step reads the prefix's once, not once per row.
+    That takes full-attention layers under SDPA or eager; other models prefill each row whole. The KV cache keeps room for the decode's next tokens
     (`_RoomyLayer`, up to CACHE_ROOM at a time): a step writes its token in place, where a
     DynamicCache concatenates the whole cache into a new tensor at each token. `hf_generate=True`
     runs transformers' `generate` with num_return_sequences instead, which prefills every copy.
@@ -308,7 +327,9 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.hf_generate = hf_generate
-        self.share_prefix = share_prefix and not hf_generate
+        self.share_prefix = share_prefix and not hf_generate and shares_prefix(model)
+        if self.share_prefix:
+            enable_packed(model)  # the attention that reads a shared prefix (the model's own without one)
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
 
@@ -443,8 +464,9 @@ class HFEngine:
         """reps[b] samples of each of the B prompts in `inputs`, the prompt's forward (vision tower
         and prefill) run once and its KV cache repeated reps[b] times before the first draw.
         (generate with num_return_sequences repeats the prompt first and prefills every copy.) With
-        `prefix_ids` (1, P), the rows' shared first P tokens, those go through the model once and
-        the rows' own tokens (input_ids) are prefilled after the cache of that one row, repeated.
+        `prefix_ids` (1, P), the rows' shared first P tokens, those go through the model once, and
+        the rows' own tokens (input_ids) are prefilled and decoded on a cache of their own, their
+        attention reading that one row's keys and values beside it (`SharedPrefix`).
 
         The draws are generate's: its temperature and top-p warpers, softmax and one multinomial
         draw (argmax when greedy) a step over all rows in float32, rows padded once finished,
@@ -469,15 +491,16 @@ class HFEngine:
             else:
                 rope, delta = pos.expand(3, -1, -1), torch.zeros(B, 1, dtype=torch.long, device=ids.device)
             pos = torch.cat([pos[None], rope])
-        padded = prefix is not None or not bool(mask.all())
         extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
-        cache = _roomy_cache(model, min(sampling.max_tokens, self.CACHE_ROOM))
-        if prefix is not None:  # the shared first tokens once, their cache then one per prompt
+        if prefix is not None:  # the shared first tokens once; every row attends that one copy of their cache
             P = prefix.shape[1]
-            model(input_ids=prefix, position_ids=pos[..., :1, :P], past_key_values=cache, use_cache=True,
+            first = DynamicCache(config=model.config)
+            model(input_ids=prefix, position_ids=pos[..., :1, :P], past_key_values=first, use_cache=True,
                   logits_to_keep=1)
-            cache.batch_repeat_interleave(B)
-            pos = pos[..., P:]
+            extra["shared_prefix"] = SharedPrefix([x.keys for x in first.layers], [x.values for x in first.layers])
+            pos, mask = pos[..., P:], mask[:, P:]  # the rows' own tokens: the cache below holds only theirs
+        padded = not bool(mask.all())
+        cache = _roomy_cache(model, min(sampling.max_tokens, self.CACHE_ROOM))
         out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=pos, past_key_values=cache,
                     use_cache=True, logits_to_keep=1, **extra)
         cache = out.past_key_values
@@ -486,7 +509,8 @@ class HFEngine:
             cache.reorder_cache(rows)
             logits = logits[rows]  # (R, V)
         del out
-        mask = mask[rows]  # (R, P + T)
+        shared = {k: extra[k] for k in ("shared_prefix",) if k in extra}
+        mask = mask[rows]  # (R, T), and the P prefix columns before when there is no shared prefix
         delta = None if delta is None else delta[rows]  # (R, 1)
         eos = torch.tensor(self.eos_ids, device=ids.device)
         unfinished = torch.ones(R, dtype=torch.bool, device=ids.device)
@@ -508,7 +532,7 @@ class HFEngine:
             if padded:
                 mask = torch.cat([mask, mask.new_ones(R, 1)], dim=1)
             out = model(input_ids=tok[:, None], attention_mask=mask if padded else None, position_ids=step_pos,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        past_key_values=cache, use_cache=True, logits_to_keep=1, **shared)
             logits = out.logits[:, -1].float()
             del out
         return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)

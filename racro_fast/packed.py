@@ -228,10 +228,96 @@ def _torch_varlen(varlen_attn):
 
 
 
+@dataclass
+class SharedPrefix:
+    """The keys and values of the first tokens every row of a batch starts with, one copy for all
+    rows, layer by layer ((1, Hkv, P, d) each, as the model's KV cache holds them: after rotary).
+    `prefix_attention` attends each row's queries to them and to the row's own keys."""
+    keys: list[Tensor]
+    values: list[Tensor]
+    _mask: tuple = (None, None)  # the last boolean mask seen and its additive form: one per forward, every layer
+
+    def additive(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
+        """`_additive(mask)`, made once for all the layers of a forward."""
+        if self._mask[0] is not mask:
+            self._mask = (mask, _additive(mask, dtype))
+        return self._mask[1]
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean attention mask (True where a query sees a key) as an additive one: 0 there, -inf elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _attention_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float
+                   ) -> tuple[Tensor, Tensor]:
+    """SDPA's output (B, H, Lq, d) and each query's log-sum-exp of its scaled, masked scores
+    (B, H, Lq) in float32. q (B, H, Lq, d), k and v (B, Hkv, Lk, d); mask additive, broadcast to
+    (B, 1, Lq, Lk), or None; causal aligned at the top left (SDPA's is_causal). A query that sees
+    no key (a pad's) gets a zero output, and a log-sum-exp of 0 on CPU (torch's flash kernel),
+    -inf elsewhere: finite either way once merged with the prefix's."""
+    if q.device.type == "cpu":  # the kernel F.scaled_dot_product_attention runs there, GQA included
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
+                                                                          scale=scale)
+    return _attention_lse_math(q, k, v, mask, causal, scale)
+
+
+def _attention_lse_math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float
+                        ) -> tuple[Tensor, Tensor]:
+    """`_attention_lse` in plain torch ops (devices other than CPU): the scores in float32."""
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    s = (q @ k.transpose(-1, -2)).float() * scale  # (B, H, Lq, Lk)
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    if mask is not None:
+        s = s + mask
+    lse = s.logsumexp(dim=-1)
+    p = (s - lse[..., None]).exp().nan_to_num(0.0)  # a row of -inf: 0, not nan
+    return (p.to(v.dtype) @ v), lse
+
+
+def prefix_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix_k: Tensor, prefix_v: Tensor,
+                     scale: float) -> Tensor:
+    """Attention of rows that all start with the same P tokens, without a copy of those tokens'
+    keys per row: each query attends the one shared copy (all of it: the prefix comes before every
+    row's own tokens) and, apart, its row's own keys; the two are merged by their log-sum-exps,
+    which is softmax over [prefix; own] keys to float rounding.
+
+    q (B, H, L, d); k and v (B, Hkv, K, d), the rows' own keys (cached ones and these queries');
+    mask: the own keys' mask as the model built it for SDPA or eager (bool, True = seen, or
+    additive; (B, 1, L, K)), or None for causal (L > 1) or all seen (L == 1); prefix_k and
+    prefix_v (1, Hkv, P, d). -> (B, L, H, d), as the model's attention functions return it.
+
+    The prefix part is one call over B * L queries (the rows folded into the query axis under each
+    key head), so a decode step reads the prefix's keys once, not once per row."""
+    B, H, L, d = q.shape
+    Hkv = prefix_k.shape[1]
+    if mask is not None and mask.dtype == torch.bool:
+        mask = _additive(mask, q.dtype)
+    g = H // Hkv
+    folded = q.view(B, Hkv, g, L, d).transpose(0, 1).reshape(1, Hkv, B * g * L, d)
+    o1, l1 = _attention_lse(folded, prefix_k, prefix_v, None, False, scale)
+    o1 = o1.view(Hkv, B, g, L, d).transpose(0, 1).reshape(B, H, L, d)
+    l1 = l1.view(Hkv, B, g, L).transpose(0, 1).reshape(B, H, L)
+    o2, l2 = _attention_lse(q, k, v, mask, mask is None and L > 1, scale)
+    top = torch.maximum(l1, l2)
+    w1, w2 = (l1 - top).exp()[..., None], (l2 - top).exp()[..., None]  # (B, H, L, 1)
+    out = (o1.float() * w1 + o2.float() * w2) / (w1 + w2)
+    return out.to(q.dtype).transpose(1, 2).contiguous()
+
+
 def _dispatch(base: str, module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-              packed_layout: VarlenLayout | None = None, **kwargs):
-    """The attention of a model with `enable_packed`: packed segments when a layout is passed, the
-    model's own implementation otherwise (generate, the padded forward)."""
+              packed_layout: VarlenLayout | None = None, shared_prefix: SharedPrefix | None = None, **kwargs):
+    """The attention of a model with `enable_packed`: packed segments when a layout is passed,
+    the rows' own keys after a shared prefix's when one is (`HFEngine`'s decode), the model's own
+    implementation otherwise (generate, the padded forward)."""
+    if shared_prefix is not None:
+        i = module.layer_idx
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            attention_mask = shared_prefix.additive(attention_mask, query.dtype)
+        return prefix_attention(query, key, value, attention_mask, shared_prefix.keys[i], shared_prefix.values[i],
+                                scaling), None
     if packed_layout is None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         # eager is the modeling file's own function, not a registered one
@@ -241,12 +327,21 @@ def _dispatch(base: str, module, query, key, value, attention_mask, dropout: flo
     return varlen_attention(query, key, value, packed_layout, scaling, dropout if module.training else 0.0), None
 
 
+def shares_prefix(model) -> bool:
+    """Whether `prefix_attention` can stand in for `model`'s attention: every layer full attention
+    (no sliding window) under SDPA or eager (whose masks it reads)."""
+    text = model.model.config.get_text_config()
+    base = (text._attn_implementation or "sdpa").removeprefix(PACKED_PREFIX)
+    types = getattr(text, "layer_types", None) or ["full_attention"]
+    return base in ("sdpa", "eager") and all(t == "full_attention" for t in types)
+
+
 def enable_packed(model) -> None:
     """Route the language model's attention through `_dispatch` (registered as racro_packed_<impl>,
     with <impl>'s masks); the vision tower keeps its own. Idempotent."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    text = model.model.config.text_config  # model.config is the engine's own under DeepSpeed
+    text = model.model.config.get_text_config()  # model.config is the engine's own under DeepSpeed
     base = text._attn_implementation or "sdpa"
     if base.startswith(PACKED_PREFIX):
         return

@@ -248,7 +248,8 @@ def build_engines(cfg: Config, policy: Policy, device: torch.device, out_dir: Pa
     reasoner, rtok = build_reasoner(cfg, device, out_dir, plan)
     scorer = RewardScorer(cfg.rollout.reward, timeout=cfg.rollout.reward_timeout, workers=cfg.rollout.reward_workers)
     if cfg.rollout.engine == "hf":
-        return Engines(HFEngine(policy.backend.module(policy.model), policy.tokenizer), reasoner, rtok, scorer)
+        captioner = HFEngine(policy.backend.module(policy.model), policy.tokenizer, batch_size=cfg.rollout.hf_batch)
+        return Engines(captioner, reasoner, rtok, scorer)
     launcher = "external_launcher" if dist.is_dist() else None
     mm = {"min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels}  # the trainer's image grids
     parallel.free_cached_memory()

@@ -51,6 +51,7 @@ def test_overrides_are_typed():
     ("rollout.captioner_gpu_fraction=1.2", "rollout.captioner_gpu_fraction"),
     ("rollout.reasoner_url=localhost:8000", "rollout.reasoner_url"),
     ("rollout.reasoner_max_inflight=-1", "rollout.reasoner_max_inflight"),
+    ("rollout.hf_batch=0", "rollout.hf_batch"),
     ("dist.timeout_s=0", "dist.timeout_s"),
 ])
 def test_bad_values_name_the_field(override, field):

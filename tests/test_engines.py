@@ -216,18 +216,27 @@ def forward_widths(model) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
-def test_hf_shared_prefix_goes_through_once(reasoner, reasoner_tok, text_requests, temperature) -> None:
+def test_hf_shared_prefix_goes_through_once(reasoner, reasoner_tok, text_requests, temperature,
+                                            monkeypatch) -> None:
     # The reasoner's prompts start with the same chat turn and instruction: those tokens are one
-    # forward of one row, then each row prefills only its own tokens on that cache. The answers are
-    # the row-by-row prefill's within float rounding: teacher-forced log-probs, and greedy tokens.
+    # forward of one row, then each row prefills only its own tokens, attending that one row's
+    # keys: no row's cache holds a copy of them. The answers are the row-by-row prefill's within
+    # float rounding: teacher-forced log-probs, and greedy tokens.
+    from racro_fast import engines
     prefix = len(os.path.commonprefix([r.prompt_ids for r in text_requests]))
     assert prefix >= HFEngine.MIN_SHARED_PREFIX, f"the test prompts share only {prefix} tokens"
     sampling = SamplingConfig(n=2, temperature=temperature, max_tokens=12, seed=4)
     widths = forward_widths(reasoner)
+    held = []  # tokens each row's cache holds after each update
+    update = engines._RoomyLayer.update
+    monkeypatch.setattr(engines._RoomyLayer, "update",
+                        lambda self, *a, **kw: held.append(update(self, *a, **kw)[0].shape[-2]) or (self.keys, self.values))
     outs = HFEngine(reasoner, reasoner_tok).generate(text_requests, sampling)
     longest = max(len(r.prompt_ids) for r in text_requests)
     assert widths[0] == (1, prefix), f"first forward {widths[0]}: not the shared prefix once"
     assert widths[1] == (len(text_requests), longest - prefix), f"second forward {widths[1]}: not the rows' own tokens"
+    assert held[0] == longest - prefix and max(held) < longest - prefix + sampling.max_tokens, \
+        f"the rows' caches hold the prefix: {held[0]} tokens after the prefill, {max(held)} at most"
     assert_logp_match(reasoner, text_requests, outs, temperature, ATOL_HF)
     if temperature == 0:
         plain = HFEngine(reasoner, reasoner_tok, share_prefix=False).generate(text_requests, sampling)

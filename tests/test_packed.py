@@ -357,3 +357,39 @@ def test_cpu_attention_is_sdpa_without_keeping_the_gathered_keys(tiny):
     assert torch.equal(out, ref)
     for name, a, b in zip("qkv", grads, ref_grads):
         assert_close(a, b, 1e-6, f"d{name}")
+
+
+@pytest.mark.parametrize("path", ["cpu", "math"])
+@pytest.mark.parametrize("case", ["prefill", "padded prefill", "decode", "padded decode"])
+def test_prefix_attention_is_attention_over_prefix_and_own_keys(path, case, monkeypatch):
+    """Rows that start with the same P tokens: attending the one shared copy of their keys and,
+    apart, each row's own keys, merged by log-sum-exp, is SDPA over [prefix; own] keys (GQA, left
+    padding, causal prefill, one-token decode), on CPU's flash kernel and on the plain-torch path
+    of other devices; a pad's query, which sees no own key, still gets a finite output."""
+    from racro_fast import packed
+    from racro_fast.packed import prefix_attention
+    if path == "math":  # the path of devices other than CPU, run here on CPU tensors
+        monkeypatch.setattr(packed, "_attention_lse", packed._attention_lse_math)
+    g = torch.Generator().manual_seed(1)
+    B, H, Hkv, d, P = 3, 4, 2, 16, 7
+    L, K = (6, 6) if "prefill" in case else (1, 9)  # queries; own keys (cached ones and the queries')
+    q = torch.randn(B, H, L, d, generator=g)
+    k, v = torch.randn(B, Hkv, K, d, generator=g), torch.randn(B, Hkv, K, d, generator=g)
+    pk, pv = torch.randn(1, Hkv, P, d, generator=g), torch.randn(1, Hkv, P, d, generator=g)
+    sees = torch.ones(L, K, dtype=torch.bool).tril(K - L).expand(B, 1, L, K).clone()  # (B, 1, L, K)
+    pads = [0, 2, 4] if "padded" in case else [0, 0, 0]
+    for b, n in enumerate(pads):
+        sees[b, :, :, :n] = False  # left pads: no query sees them
+    mask = sees if "padded" in case else None
+    out = prefix_attention(q, k, v, mask, pk, pv, d ** -0.5)  # (B, L, H, d)
+
+    full_k, full_v = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2), torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
+    full_mask = torch.cat([torch.ones(B, 1, L, P, dtype=torch.bool), sees], dim=-1)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, full_k, full_v, attn_mask=full_mask, scale=d ** -0.5,
+                                                           enable_gqa=True).transpose(1, 2)
+    real = torch.ones(B, L, dtype=torch.bool)
+    for b, n in enumerate(pads):
+        real[b, :max(0, n - (K - L))] = False  # a pad's query (prefill) sees no own key
+    assert out.shape == ref.shape
+    assert_close(out[real], ref[real], 1e-5, case)
+    assert torch.isfinite(out).all(), "a pad query's output is not finite"
