@@ -12,9 +12,10 @@ Attention runs per segment (`varlen_attention`): a prompt attends causally to it
 gathered per segment, or, where flash-attn is not installed, torch's own
 `torch.nn.attention.varlen.varlen_attn` (CUDA; causal through window_size=(-1, 0), GQA through
 enable_gqa; no dropout); on other devices the same segments go through SDPA, those of one shape
-(captions of one length under prompts of one length) in one batched call (exact). On CPU that call
-is torch's CPU flash kernel and its backward kernel (`_SegmentsCPU`): the backward gathers each
-call's keys again instead of keeping them (a prompt's keys once per caption).
+(captions of one length under prompts of one length) in one batched call (exact). On CPU they go
+through torch's CPU flash kernel and its backward kernel (`_SegmentsCPU`) without gathering a
+prompt's keys once per caption: a question's captions attend their prompt's keys as one run of
+queries and their own keys apart, the two merged by log-sum-exp.
 The CPU tests run the loop, and the arguments of both varlen calls through plain-torch renderings
 of their documented contracts.
 
@@ -54,14 +55,12 @@ class VarlenLayout:
     kv_index: Tensor  # (cu_k[-1],) long
     _cache: dict = field(default_factory=dict)  # masks and flash-attn's arguments, built once for every layer
 
-    def mask(self, q_len: int, k_len: int, device, dtype: torch.dtype = torch.bool) -> Tensor:
-        """The causal mask of a q_len x k_len segment aligned at the end of the keys: bool (True
-        where a query sees a key) or, for a float dtype, additive (0 there, -inf elsewhere)."""
-        key = (q_len, k_len, dtype)
+    def mask(self, q_len: int, k_len: int, device) -> Tensor:
+        """The causal mask of a q_len x k_len segment aligned at the end of the keys (True where a
+        query sees a key)."""
+        key = (q_len, k_len)
         if key not in self._cache:
-            sees = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
-            self._cache[key] = sees if dtype == torch.bool else torch.zeros(
-                q_len, k_len, dtype=dtype, device=device).masked_fill(~sees, float("-inf"))
+            self._cache[key] = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
         return self._cache[key]
 
     def group_keys(self, segments: list[int], device) -> Tensor:
@@ -71,11 +70,11 @@ class VarlenLayout:
             self._cache[key] = torch.cat([self.kv_index[self.cu_k[i]:self.cu_k[i + 1]] for i in segments]).to(device)
         return self._cache[key]
 
-    def shape_groups(self, device, mask_dtype: torch.dtype) -> list[tuple[list[int], Tensor, Tensor, Tensor | None]]:
+    def shape_groups(self, device) -> list[tuple[list[int], Tensor, Tensor, Tensor | None]]:
         """The non-empty segments by shape (Lq, Lk), each group as (segments, their query positions,
         their key positions (one segment's after another's), the causal mask of Lq < Lk or None for
-        Lq == Lk (`mask` of mask_dtype)); built once for every layer."""
-        key = ("groups", mask_dtype)
+        Lq == Lk); built once for every layer."""
+        key = "groups"
         if key not in self._cache:
             shapes: dict[tuple[int, int], list[int]] = {}
             for i in range(len(self.cu_q) - 1):
@@ -84,9 +83,40 @@ class VarlenLayout:
                     shapes.setdefault((lq, lk), []).append(i)
             self._cache[key] = [
                 (idx, torch.cat([torch.arange(self.cu_q[i], self.cu_q[i + 1]) for i in idx]).to(device),
-                 self.group_keys(idx, device), None if lq == lk else self.mask(lq, lk, device, mask_dtype))
+                 self.group_keys(idx, device), None if lq == lk else self.mask(lq, lk, device))
                 for (lq, lk), idx in shapes.items()]
         return self._cache[key]
+
+    def cascade_calls(self, device) -> tuple[list[tuple[int, Tensor, Tensor]], list[tuple[int, Tensor, Tensor]]]:
+        """The segments as `_SegmentsCPU`'s two kinds of attention call, each (n, query positions,
+        key positions) of n runs of one shape, one run after another; built once for every layer.
+
+        own: the segments by length L, each one's queries over its last L keys (causal, square).
+        prefix: the keys before those (a caption's prompt), which every query of the segment sees:
+        the segments after the same prefix (a question's captions) as one run of queries over it,
+        the runs of one shape (prefix length, queries) in one call."""
+        if "cascade" not in self._cache:
+            own: dict[int, list[int]] = {}
+            runs: dict[tuple[int, ...], list[int]] = {}  # prefix positions -> its segments
+            for i in range(len(self.cu_q) - 1):
+                lq, lk = self.cu_q[i + 1] - self.cu_q[i], self.cu_k[i + 1] - self.cu_k[i]
+                if lq:
+                    own.setdefault(lq, []).append(i)
+                    if lk > lq:
+                        runs.setdefault(tuple(self.kv_index[self.cu_k[i]:self.cu_k[i + 1] - lq].tolist()), []).append(i)
+            queries = lambda idx: torch.cat([torch.arange(self.cu_q[i], self.cu_q[i + 1]) for i in idx])  # noqa: E731
+            own_calls = [(len(idx), queries(idx).to(device),
+                          torch.cat([self.kv_index[self.cu_k[i + 1] - lq:self.cu_k[i + 1]] for i in idx]).to(device))
+                         for lq, idx in own.items()]
+            shapes: dict[tuple[int, int], list[tuple[tuple[int, ...], Tensor]]] = {}
+            for prefix, idx in runs.items():
+                q = queries(idx)
+                shapes.setdefault((len(prefix), len(q)), []).append((prefix, q))
+            prefix_calls = [(len(items), torch.cat([q for _, q in items]).to(device),
+                             torch.tensor([p for prefix, _ in items for p in prefix], device=device))
+                            for items in shapes.values()]
+            self._cache["cascade"] = own_calls, prefix_calls
+        return self._cache["cascade"]
 
     def flash_args(self, device) -> tuple[Tensor, Tensor, int, int]:
         """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) on the device."""
@@ -125,15 +155,14 @@ def _segments_by_shape(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, sc
     length; prompts of one length) in one batched call, each segment's keys gathered once.
     -> (1, T, H, d)"""
     if q.device.type == "cpu" and dropout == 0.0:  # torch's CPU flash kernel, the one SDPA runs there
-        return _SegmentsCPU.apply(q[0], k[0], v[0], layout.shape_groups(q.device, q.dtype), scale
-                                  ).transpose(0, 1).unsqueeze(0)
+        return _SegmentsCPU.apply(q[0], k[0], v[0], layout.cascade_calls(q.device), scale).transpose(0, 1).unsqueeze(0)
     len_q = [b - a for a, b in zip(layout.cu_q, layout.cu_q[1:])]
     # split, not a slice per segment: the backward of a slice writes into zeros of the whole row
     # (S segments cost S rows' memory traffic), one split's backward is one concatenation
     qs = q[0].split(len_q, dim=1)  # (H, Lq, d) each
     out: list[Tensor | None] = [None] * len(len_q)
     k0, v0 = k[0], v[0]  # (Hkv, T, d)
-    for idx, _, keys, mask in layout.shape_groups(q.device, torch.bool):
+    for idx, _, keys, mask in layout.shape_groups(q.device):
         kb, vb = _gather(k0, keys, len(idx)), _gather(v0, keys, len(idx))
         qb = qs[idx[0]][None] if len(idx) == 1 else torch.stack([qs[i] for i in idx])  # (N, H, Lq, d)
         o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None, scale=scale,
@@ -168,41 +197,60 @@ def _position_major(t: Tensor) -> Tensor:
 
 
 class _SegmentsCPU(torch.autograd.Function):
-    """Every segment of a packed row on CPU, those of one shape in one call of torch's CPU flash
-    kernel (what F.scaled_dot_product_attention runs there, GQA included), and its backward kernel.
-    The backward keeps the packed row's q, k, v and output, not each call's gathered keys (a
-    prompt's once per caption: most of the attention's memory), and gathers them again; the
-    gradients of all the calls go into one buffer each.
+    """Every segment of a packed row on CPU through torch's CPU flash kernel (what
+    F.scaled_dot_product_attention runs there, GQA included) and its backward kernel, in two kinds
+    of call (`VarlenLayout.cascade_calls`): each segment's queries over its own keys (causal), and a
+    question's captions, all their queries in one run, over their prompt's keys, read once for the
+    question rather than once per caption. A query's two results are merged by their log-sum-exps
+    (softmax over [prompt; own] keys, to float rounding). The backward calls the kernel on each part
+    with the merged output and log-sum-exp, which gives that part's share of the whole attention's
+    gradients (as ring attention does); it keeps the packed row's q, k, v, output and log-sum-exps,
+    and gathers the rest again.
 
-    q (H, T, d), k and v (Hkv, T, d); groups: `VarlenLayout.shape_groups` (additive masks). -> (H, T, d)"""
+    q (H, T, d), k and v (Hkv, T, d). -> (H, T, d)"""
 
     @staticmethod
-    def forward(ctx, q, k, v, groups, scale):
-        out = _position_major(q)  # the segments cover the row: every query is written once
-        lse = []
-        for idx, queries, keys, mask in groups:
-            n = len(idx)
+    def forward(ctx, q, k, v, calls, scale):
+        own, prefix = calls
+        H, d = q.shape[0], q.shape[2]
+        out = _position_major(q)  # every query is in exactly one own call
+        lse = q.new_empty(q.shape[1], H, dtype=torch.float32)  # (T, H)
+        for n, queries, keys in own:
             o, m = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                _gather(q, queries, n), _gather(k, keys, n), _gather(v, keys, n), 0.0, mask is None,
-                attn_mask=mask, scale=scale)
+                _gather(q, queries, n), _gather(k, keys, n), _gather(v, keys, n), 0.0, True, scale=scale)
             _scatter(out, queries, o)
-            lse.append(m)
-        ctx.save_for_backward(q, k, v, out, *lse)
-        ctx.groups, ctx.scale = groups, scale
+            lse.index_copy_(0, queries, m.transpose(1, 2).reshape(-1, H))
+        rows = out.transpose(0, 1)  # (T, H, d)
+        for n, queries, keys in prefix:  # each query in one at most: merge it with its own keys' result
+            o1, l1 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                _gather(q, queries, n), _gather(k, keys, n), _gather(v, keys, n), 0.0, False, scale=scale)
+            o1, l1 = o1.transpose(1, 2).reshape(-1, H, d), l1.transpose(1, 2).reshape(-1, H)  # (n * Q, H, d), (n * Q, H)
+            o2, l2 = rows.index_select(0, queries), lse.index_select(0, queries)
+            top = torch.maximum(l1, l2)
+            w1, w2 = (l1 - top).exp(), (l2 - top).exp()
+            total = w1 + w2
+            rows.index_copy_(0, queries, ((o1.float() * w1[..., None] + o2.float() * w2[..., None])
+                                          / total[..., None]).to(q.dtype))
+            lse.index_copy_(0, queries, top + total.log())
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.calls, ctx.scale = calls, scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, *lse = ctx.saved_tensors
-        dq, dk, dv = _position_major(q), _position_major(k).zero_(), _position_major(v).zero_()
-        for (idx, queries, keys, mask), m in zip(ctx.groups, lse):
-            n = len(idx)
-            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                _gather(grad, queries, n), _gather(q, queries, n), _gather(k, keys, n), _gather(v, keys, n),
-                _gather(out, queries, n), m, 0.0, mask is None, attn_mask=mask, scale=ctx.scale)
-            _scatter(dq, queries, gq)
-            _scatter(dk, keys, gk, add=True)
-            _scatter(dv, keys, gv, add=True)
+        q, k, v, out, lse = ctx.saved_tensors
+        H = q.shape[0]
+        dq, dk, dv = (_position_major(t).zero_() for t in (q, k, v))
+        own, prefix = ctx.calls
+        for causal, calls in ((True, own), (False, prefix)):
+            for n, queries, keys in calls:
+                m = lse.index_select(0, queries).view(n, -1, H).transpose(1, 2).contiguous()  # (n, H, L)
+                gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    _gather(grad, queries, n), _gather(q, queries, n), _gather(k, keys, n), _gather(v, keys, n),
+                    _gather(out, queries, n), m, 0.0, causal, scale=ctx.scale)
+                _scatter(dq, queries, gq, add=True)
+                _scatter(dk, keys, gk, add=True)
+                _scatter(dv, keys, gv, add=True)
         return dq, dk, dv, None, None
 
 
