@@ -23,7 +23,8 @@ MLP and GQA proportions, 6400 output rows: the 7B's decoder:vocabulary FLOPs per
 with random weights and the demo's tokenizer: its captions are noise (ids past the tokenizer
 decode to nothing), so its rewards say nothing; its time and memory are the point.
 
-Reported per side, after the warm-up steps: seconds per step split into generation (captions),
+The sides run one after the other, seed by seed, who goes first alternating (ours, TRL, TRL,
+ours, ...). Reported per side, after the warm-up steps: seconds per step split into generation (captions),
 reward (reasoner + grading; the grading alone as grade_s) and the rest (the update: log-probs, loss, backward, optimizer);
 peak resident memory of the side's process tree (sampled every 20 ms: reward workers included);
 caption tokens per second; the mean reward over the measured steps. Rows go to
@@ -348,8 +349,10 @@ def main(argv: list[str] | None = None) -> int:
             captioner, args.reasoner_path = cfg.model.captioner, cfg.model.reasoner
         if args.wide:
             captioner = wide_captioner(captioner, os.path.join(tmp, "wide"), args.vocab, args.hidden, args.layers)
-        for seed in args.seeds:
-            for side in SIDES:
+        for k, seed in enumerate(args.seeds):
+            # who goes first alternates (ours, TRL, TRL, ours): a host that speeds up or slows down
+            # over the run weighs on both sides alike
+            for side in SIDES if k % 2 == 0 else SIDES[::-1]:
                 row = run_side(side, args, seed, rows, captioner)
                 print(f"{side} seed {seed}: {row['step_s']:.2f} s/step, peak {row['peak_rss_mb']:.0f} MB, "
                       f"reward {row['reward_mean']:.3f}", file=sys.stderr)
