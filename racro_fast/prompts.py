@@ -12,8 +12,10 @@ template -> ids, then each <|image_pad|> expanded to the image's number of merge
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
+from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -112,10 +114,19 @@ def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def text_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` under the tokenizer's chat template, ready for generation."""
+    """Token ids of `messages` under the tokenizer's chat template, ready for generation (a new list)."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    # The chat template already wrote every special token; a BOS added here would be a second one.
-    return tokenizer.encode(text, add_special_tokens=False)
+    return _encode(tokenizer, text).tolist()
+
+
+@functools.lru_cache(maxsize=4096)
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> array:
+    # Memoised: a reasoner prompt comes back often (a group's captions that came out the same, a
+    # caption and question of an earlier step: 40% of the demo's first 22 steps' prompts), and the
+    # encoding is most of a prompt's cost. Held as 4-byte ids: a full memo of 100-token prompts
+    # is ~2 MB. The chat template already wrote every special token; a BOS added here would be a
+    # second one.
+    return array("i", tokenizer.encode(text, add_special_tokens=False))
 
 
 def build_captioner_inputs(

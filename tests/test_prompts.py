@@ -84,6 +84,20 @@ def test_text_prompt_ids_chat_structure(tokenizer):
     assert ids.count(im_start) == 3 and ids.count(im_end) == 2, "system, user, assistant turns"
 
 
+def test_text_prompt_ids_repeat_is_the_same_encoding_in_a_new_list(tokenizer):
+    # A prompt asked again is served from the memo: the ids the tokenizer gives the template's text,
+    # each call its own list (a caller that edits its copy changes nobody else's).
+    messages = reasoner_messages("big red. small blue", "What colour is the big shape?")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    first = text_prompt_ids(tokenizer, messages)
+    first.append(-1)
+    again = text_prompt_ids(tokenizer, messages)
+    assert again == tokenizer.encode(text, add_special_tokens=False)
+    assert again is not first and again[-1] != -1
+    other = text_prompt_ids(tokenizer, reasoner_messages("big red. small blue", "What colour is the small shape?"))
+    assert other != again
+
+
 @pytest.mark.parametrize("sizes", [[(56, 56)], [(112, 56), (70, 90)]])
 def test_image_pads_expand_to_the_processors_grid(tokenizer, image_processor, sizes):
     images = [Image.new("RGB", s, (200, 30, 30)) for s in sizes]
