@@ -304,10 +304,11 @@ class HFEngine:
     of their keys and values (`share_prefix`, `packed.prefix_attention`: the same keys, values and
     positions, so the same distribution, within float rounding of a row-by-row prefill); a row's
     cache holds only its own tokens, and a decode step reads the prefix's once, not once per row.
-    That takes full-attention layers under SDPA or eager; other models prefill each row whole. The KV cache keeps room for the decode's next tokens
-    (`_RoomyLayer`, up to CACHE_ROOM at a time): a step writes its token in place, where a
-    DynamicCache concatenates the whole cache into a new tensor at each token. `hf_generate=True`
-    runs transformers' `generate` with num_return_sequences instead, which prefills every copy.
+    That takes full-attention layers under SDPA or eager; other models prefill each row whole. The
+    KV cache keeps room for the decode's next tokens (`_RoomyLayer`, up to CACHE_ROOM at a time): a
+    step writes its token in place, where a DynamicCache concatenates the whole cache into a new
+    tensor at each token. `hf_generate=True` runs transformers' `generate` with
+    num_return_sequences instead, which prefills every copy.
     With a seed the global RNG is forked and restored, so the trainer's RNG stream is untouched;
     the samples then depend on the seed, the requests and `batch_size` (vLLM seeds per request
     instead). The checkpoint's own generation defaults (Qwen ships top_k=1, repetition_penalty=1.05)

@@ -224,7 +224,8 @@ class _SegmentsCPU(torch.autograd.Function):
         for n, queries, keys in prefix:  # each query in one at most: merge it with its own keys' result
             o1, l1 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 _gather(q, queries, n), _gather(k, keys, n), _gather(v, keys, n), 0.0, False, scale=scale)
-            o1, l1 = o1.transpose(1, 2).reshape(-1, H, d), l1.transpose(1, 2).reshape(-1, H)  # (n * Q, H, d), (n * Q, H)
+            o1 = o1.transpose(1, 2).reshape(-1, H, d)  # (n * Q, H, d), position by position
+            l1 = l1.transpose(1, 2).reshape(-1, H)  # (n * Q, H)
             o2, l2 = rows.index_select(0, queries), lse.index_select(0, queries)
             top = torch.maximum(l1, l2)
             w1, w2 = (l1 - top).exp(), (l2 - top).exp()

@@ -229,8 +229,12 @@ def test_hf_shared_prefix_goes_through_once(reasoner, reasoner_tok, text_request
     widths = forward_widths(reasoner)
     held = []  # tokens each row's cache holds after each update
     update = engines._RoomyLayer.update
-    monkeypatch.setattr(engines._RoomyLayer, "update",
-                        lambda self, *a, **kw: held.append(update(self, *a, **kw)[0].shape[-2]) or (self.keys, self.values))
+
+    def recording(self, *args, **kwargs):
+        keys, values = update(self, *args, **kwargs)
+        held.append(keys.shape[-2])
+        return keys, values
+    monkeypatch.setattr(engines._RoomyLayer, "update", recording)
     outs = HFEngine(reasoner, reasoner_tok).generate(text_requests, sampling)
     longest = max(len(r.prompt_ids) for r in text_requests)
     assert widths[0] == (1, prefix), f"first forward {widths[0]}: not the shared prefix once"
