@@ -135,7 +135,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, scal
 
     flash: a function with flash_attn_varlen_func's signature and contract; by default on CUDA
     flash-attn's own when it imports, else torch's varlen_attn behind that signature (without
-    dropout); elsewhere the segments go through SDPA, those of one shape in one batched call."""
+    dropout); elsewhere the segments go through SDPA, those of one shape in one batched call, or on
+    CPU without dropout through torch's CPU flash kernel (`_SegmentsCPU`)."""
     if flash is None and q.is_cuda:
         flash = _flash_varlen() or (_torch_varlen(varlen_attn_fn()) if dropout == 0.0 else None)
     if flash is None:
@@ -152,8 +153,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, scal
 def _segments_by_shape(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, scale: float, dropout: float,
                        gqa: bool) -> Tensor:
     """The segments through SDPA, those of one shape (captions of one length under prompts of one
-    length; prompts of one length) in one batched call, each segment's keys gathered once.
-    -> (1, T, H, d)"""
+    length; prompts of one length) in one batched call, each segment's keys gathered once; on CPU
+    without dropout `_SegmentsCPU`, which gathers no prompt's keys per caption. -> (1, T, H, d)"""
     if q.device.type == "cpu" and dropout == 0.0:  # torch's CPU flash kernel, the one SDPA runs there
         return _SegmentsCPU.apply(q[0], k[0], v[0], layout.cascade_calls(q.device), scale).transpose(0, 1).unsqueeze(0)
     len_q = [b - a for a, b in zip(layout.cu_q, layout.cu_q[1:])]
