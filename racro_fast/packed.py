@@ -70,10 +70,10 @@ class VarlenLayout:
             self._cache[key] = torch.cat([self.kv_index[self.cu_k[i]:self.cu_k[i + 1]] for i in segments]).to(device)
         return self._cache[key]
 
-    def shape_groups(self, device) -> list[tuple[list[int], Tensor, Tensor, Tensor | None]]:
-        """The non-empty segments by shape (Lq, Lk), each group as (segments, their query positions,
-        their key positions (one segment's after another's), the causal mask of Lq < Lk or None for
-        Lq == Lk); built once for every layer."""
+    def shape_groups(self, device) -> list[tuple[list[int], Tensor, Tensor | None]]:
+        """The non-empty segments by shape (Lq, Lk), each group as (segments, their key positions
+        (one segment's after another's), the causal mask of Lq < Lk or None for Lq == Lk); built
+        once for every layer."""
         key = "groups"
         if key not in self._cache:
             shapes: dict[tuple[int, int], list[int]] = {}
@@ -81,10 +81,8 @@ class VarlenLayout:
                 lq, lk = self.cu_q[i + 1] - self.cu_q[i], self.cu_k[i + 1] - self.cu_k[i]
                 if lq:
                     shapes.setdefault((lq, lk), []).append(i)
-            self._cache[key] = [
-                (idx, torch.cat([torch.arange(self.cu_q[i], self.cu_q[i + 1]) for i in idx]).to(device),
-                 self.group_keys(idx, device), None if lq == lk else self.mask(lq, lk, device))
-                for (lq, lk), idx in shapes.items()]
+            self._cache[key] = [(idx, self.group_keys(idx, device), None if lq == lk else self.mask(lq, lk, device))
+                                for (lq, lk), idx in shapes.items()]
         return self._cache[key]
 
     def cascade_calls(self, device) -> tuple[list[tuple[int, Tensor, Tensor]], list[tuple[int, Tensor, Tensor]]]:
@@ -163,7 +161,7 @@ def _segments_by_shape(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, sc
     qs = q[0].split(len_q, dim=1)  # (H, Lq, d) each
     out: list[Tensor | None] = [None] * len(len_q)
     k0, v0 = k[0], v[0]  # (Hkv, T, d)
-    for idx, _, keys, mask in layout.shape_groups(q.device):
+    for idx, keys, mask in layout.shape_groups(q.device):
         kb, vb = _gather(k0, keys, len(idx)), _gather(v0, keys, len(idx))
         qb = qs[idx[0]][None] if len(idx) == 1 else torch.stack([qs[i] for i in idx])  # (N, H, Lq, d)
         o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None, scale=scale,
@@ -171,6 +169,17 @@ def _segments_by_shape(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, sc
         for i, oi in zip(idx, o.unbind(0)):
             out[i] = oi
     return torch.cat([o for o in out if o is not None], dim=1).transpose(0, 1).unsqueeze(0)
+
+
+def _merge(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
+    """Two attention results of the same queries over two disjoint sets of keys, each an output
+    (..., d) and its float32 log-sum-exp (...), as the attention over both sets: the output (in
+    o1's dtype, merged in float32) and its log-sum-exp."""
+    top = torch.maximum(l1, l2)
+    w1, w2 = (l1 - top).exp(), (l2 - top).exp()
+    total = w1 + w2
+    out = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / total[..., None]
+    return out.to(o1.dtype), top + total.log()
 
 
 def _gather(t: Tensor, index: Tensor, n: int) -> Tensor:
@@ -227,13 +236,9 @@ class _SegmentsCPU(torch.autograd.Function):
                 _gather(q, queries, n), _gather(k, keys, n), _gather(v, keys, n), 0.0, False, scale=scale)
             o1 = o1.transpose(1, 2).reshape(-1, H, d)  # (n * Q, H, d), position by position
             l1 = l1.transpose(1, 2).reshape(-1, H)  # (n * Q, H)
-            o2, l2 = rows.index_select(0, queries), lse.index_select(0, queries)
-            top = torch.maximum(l1, l2)
-            w1, w2 = (l1 - top).exp(), (l2 - top).exp()
-            total = w1 + w2
-            rows.index_copy_(0, queries, ((o1.float() * w1[..., None] + o2.float() * w2[..., None])
-                                          / total[..., None]).to(q.dtype))
-            lse.index_copy_(0, queries, top + total.log())
+            o, m = _merge(o1, l1, rows.index_select(0, queries), lse.index_select(0, queries))
+            rows.index_copy_(0, queries, o)
+            lse.index_copy_(0, queries, m)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.calls, ctx.scale = calls, scale
         return out
@@ -364,10 +369,7 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefi
     o1 = o1.view(Hkv, B, g, L, d).transpose(0, 1).reshape(B, H, L, d)
     l1 = l1.view(Hkv, B, g, L).transpose(0, 1).reshape(B, H, L)
     o2, l2 = _attention_lse(q, k, v, mask, mask is None and L > 1, scale)
-    top = torch.maximum(l1, l2)
-    w1, w2 = (l1 - top).exp()[..., None], (l2 - top).exp()[..., None]  # (B, H, L, 1)
-    out = (o1.float() * w1 + o2.float() * w2) / (w1 + w2)
-    return out.to(q.dtype).transpose(1, 2).contiguous()
+    return _merge(o1, l1, o2, l2)[0].transpose(1, 2).contiguous()
 
 
 def _dispatch(base: str, module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

@@ -358,6 +358,10 @@ def test_cpu_attention_is_sdpa_without_keeping_the_gathered_keys(tiny):
     assert_close(out, ref, 1e-6, "output")
     for name, a, b in zip("qkv", grads, ref_grads):
         assert_close(a, b, 1e-6, f"d{name}")
+    # the grouped SDPA path (attention dropout, devices without a kernel of their own) on the same
+    # segments; a dropout of 1e-12 takes it and drops nothing
+    from racro_fast.packed import _segments_by_shape
+    assert_close(_segments_by_shape(q, k, v, layout, d ** -0.5, 1e-12, gqa=True), ref, 1e-6, "grouped SDPA output")
 
 
 @pytest.mark.parametrize("path", ["cpu", "math"])
