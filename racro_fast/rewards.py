@@ -23,6 +23,8 @@ _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _BOX_START = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _CHOICE = re.compile(r"^\(?([A-Za-z])\)?[.:]?$")
 _TEXT_WRAP = re.compile(r"^\\(?:text|textbf|mathrm|mathbf)\{(.*)\}$", re.DOTALL)
+# A plain word or phrase: letters and single spaces, with a lowercase letter ("red", "Dark blue").
+_WORDS = re.compile(r"(?=.*[a-z])[A-Za-z]+(?: [A-Za-z]+)*")
 _OPTION_LABEL = re.compile(r"^\(?([A-Za-z])\)?[.:)]\s*|^\(([A-Za-z])\)\s*")
 
 
@@ -107,6 +109,10 @@ def _math_equal(pred: str, gold: str) -> bool:
         return True
     if not pred or not gold:
         return False
+    if _WORDS.fullmatch(pred) and _WORDS.fullmatch(gold) and len(pred) + len(gold) > 2:
+        # Words are text. math-verify reads "cat" as c*a*t (so "act" equals it) and spends
+        # ~20 ms in sympy on each pair of distinct words. Names in capitals ("AB") stay math.
+        return pred.lower() == gold.lower()
     # Timeouts off: math-verify's are signal.alarm based and only work on a main thread.
     # The caller bounds the time (RewardScorer runs grading in killable processes).
     from math_verify import parse, verify  # here, not at the top: the trainer only extracts answers
@@ -122,7 +128,8 @@ def grade(pred: str, gold: str, options: list[str] | None = None) -> bool:
 
     Either may be wrapped in \\boxed{} or $...$. Choice letters ("A", "(b)", "C.") compare
     case-insensitively; with `options`, a letter also matches its option's text and the
-    reverse. Everything else is math-verify equivalence. No time bound: see RewardScorer.
+    reverse. Plain words and phrases ("red", "dark blue") compare as text, ignoring case.
+    Everything else is math-verify equivalence. No time bound: see RewardScorer.
     """
     pred, gold = _strip_answer(pred), _strip_answer(gold)
     if not pred or not gold:

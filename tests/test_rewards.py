@@ -93,6 +93,9 @@ def test_extract_boxed(text, expected):
         ("(B)", "B"),
         ("C.", "(c)"),
         ("\\text{D}", "D"),
+        ("Red", "red"),
+        ("\\text{dark blue}", "Dark Blue"),
+        ("AB", "BA"),
     ],
 )
 def test_grade_equal(pred, gold):
@@ -101,7 +104,17 @@ def test_grade_equal(pred, gold):
 
 @pytest.mark.parametrize(
     "pred, gold",
-    [("0.51", "1/2"), ("4", "3"), ("A", "B"), ("", "3"), ("3", ""), ("\\frac{1}{3}", "0.5")],
+    [
+        ("0.51", "1/2"),
+        ("4", "3"),
+        ("A", "B"),
+        ("", "3"),
+        ("3", ""),
+        ("\\frac{1}{3}", "0.5"),
+        ("act", "cat"),
+        ("blue square", "square blue"),
+        ("two", "2"),
+    ],
 )
 def test_grade_not_equal(pred, gold):
     assert not grade(pred, gold), f"{pred!r} should not grade equal to {gold!r}"
