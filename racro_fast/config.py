@@ -155,6 +155,9 @@ class RunConfig:
     tensorboard: bool = False
     wandb_project: str = ""  # empty: W&B off
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # on CPU, glibc's malloc keeps freed memory for the next phase's tensors
+    # (parallel.keep_freed_host_memory); false: glibc's defaults
+    malloc_keep_freed: bool = True
 
 
 @dataclass

@@ -25,6 +25,7 @@ state to host memory while the rollout engines hold the GPU.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import gc
 import json
@@ -590,6 +591,47 @@ def free_cached_memory() -> None:
     if torch.cuda.is_available():
         gc.collect()
         torch.cuda.empty_cache()
+
+
+# glibc's malloc: how it keeps the memory a CPU process frees (mallopt's parameters, malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc's: musl and others have a mallopt that does nothing
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def keep_freed_host_memory(mmap_mb: int = 32, trim_mb: int = 64) -> bool:
+    """Have glibc's malloc serve blocks up to `mmap_mb` from its heap and keep up to `trim_mb` free
+    at the heap's top, for the process's life. A CPU step allocates and frees tensors of the same
+    megabytes layer after layer and phase after phase; by default glibc maps each block above an
+    adaptive threshold afresh and returns freed memory at the heap's top to the kernel, and every
+    page of it then comes back as a page fault (tens of thousands a step in the CPU demo). 32 MB
+    is where glibc's own adaptive threshold stops (64-bit); this fixes it there from the start.
+
+    False where it does not apply: not glibc, or the environment sets malloc's thresholds
+    (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, glibc.malloc tunables), which win."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if any(k in os.environ for k in MALLOC_ENV) or any(
+            f"glibc.malloc.{k}" in tunables for k in ("mmap_threshold", "trim_threshold")):
+        return False
+    libc = _glibc()
+    return libc is not None and libc.mallopt(M_MMAP_THRESHOLD, mmap_mb << 20) == 1 \
+        and libc.mallopt(M_TRIM_THRESHOLD, trim_mb << 20) == 1
+
+
+def release_host_memory() -> None:
+    """Return the free memory glibc's heap holds to the system (malloc_trim): after training, so
+    that what follows (the plot, the export) starts from what is in use, not from the peak."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 # ----------------------------------------------------------------------------- optimizer offload

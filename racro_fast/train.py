@@ -517,6 +517,8 @@ def train(cfg: Config) -> dict:
         launch.die_with_parent()  # a killed torchrun (its elastic agent) takes its ranks with it
     dist.init(cfg.dist.timeout_s)
     device = dist.device(cfg.run.device)
+    if device.type == "cpu" and cfg.run.malloc_keep_freed:
+        parallel.keep_freed_host_memory()
     checkpoint.seed_everything(cfg.train.seed + dist.rank())
     out_dir = Path(cfg.run.output_dir)
     with checkpoint.lock_output_dir(out_dir):  # one run per folder, for the run's life
@@ -556,6 +558,7 @@ def train(cfg: Config) -> dict:
                 metrics.write(m)
                 save(cfg, out_dir, step, policy, stream)
             metrics.close()
+            parallel.release_host_memory()
             finish(cfg, out_dir, policy, dataset, engines)
         finally:
             engines.close()

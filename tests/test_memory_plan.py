@@ -98,3 +98,56 @@ def test_reasoner_requests_in_flight_follow_its_kv_cache(monkeypatch):
     assert parallel.inflight_per_rank(cfg, plan["reasoner_sequences"], 8) == max(1, plan["reasoner_sequences"] // 8)
     cfg, _ = plan_for(ROOT / "configs" / "qwen25vl_7b_r1_32b_tp4.yaml", 8, monkeypatch, "rollout.reasoner_max_inflight=3")
     assert parallel.inflight_per_rank(cfg, plan["reasoner_sequences"], 8) == 3
+
+
+# A fresh process, with keep_freed_host_memory or glibc's defaults: whether blocks of 4, 16 and 48 MB
+# are mapped on their own (glibc flags such a chunk in its header) rather than served from the heap,
+# then the resident memory with 48 MB freed in the heap, before and after release_host_memory.
+_HOST_MEMORY = """
+import ctypes, sys
+from racro_fast import parallel
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+kept = parallel.keep_freed_host_memory() if sys.argv[1] == "keep" else None
+def mapped(mb):
+    p = libc.malloc(mb << 20)
+    flag = bool(ctypes.c_size_t.from_address(p - 8).value & 2)  # IS_MMAPPED
+    libc.free(p)
+    return flag
+placed = [mapped(mb) for mb in (4, 16, 48)]
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+blocks = [libc.malloc(8 << 20) for _ in range(6)]
+for p in blocks:
+    ctypes.memset(p, 1, 8 << 20)
+for p in blocks:
+    libc.free(p)
+before = rss()
+parallel.release_host_memory()
+print(kept, *placed, before, rss())
+"""
+
+
+def _host_memory(mode: str, env: dict | None = None) -> list[str]:
+    import os
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _HOST_MEMORY, mode], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **(env or {})})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+@pytest.mark.skipif(parallel._glibc() is None, reason="glibc's malloc only")
+def test_host_memory_is_kept_in_the_heap_and_released_after_training():
+    kept, *placed, before, after = _host_memory("keep")
+    assert kept == "True"
+    assert placed == ["False", "False", "True"], "blocks up to 32 MB from the heap, larger ones mapped"
+    assert int(before) - int(after) >= 32, "48 MB freed and kept in the heap, returned by release_host_memory"
+
+
+@pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "1048576"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}])
+def test_the_environments_malloc_thresholds_win(env):
+    kept, *placed, _, _ = _host_memory("keep", env)
+    assert kept == "False"
+    assert placed[0] == "True", "the environment's 1 MB threshold maps a 4 MB block"
