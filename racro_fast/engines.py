@@ -30,6 +30,7 @@ garbage weights on a GPU raises here, naming the call and the state, on CPU too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -285,6 +286,34 @@ class _RoomyLayer(DynamicLayer):
         self.keys, self.values = rooms[0][:, :, :n], rooms[1][:, :, :n]
 
 
+# Decoder layers that end `h + self.mlp(self.post_attention_layernorm(h))`, position by position (h:
+# the residual after attention; transformers 5.19's code): where only the last position's output
+# is kept, the MLP of the last such layer can run on that position alone (`_last_position_mlp`).
+_POSITIONWISE_MLP = ("Qwen2DecoderLayer", "Qwen2_5_VLDecoderLayer", "Qwen3DecoderLayer", "LlamaDecoderLayer")
+
+
+def _last_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The text decoder's last layer (Qwen-VL's language model's; a causal LM's own), or None."""
+    inner = getattr(model, "model", None)
+    layers = getattr(getattr(inner, "language_model", inner), "layers", None)
+    return layers[-1] if layers else None
+
+
+@contextlib.contextmanager
+def _last_position_mlp(layer: torch.nn.Module | None):
+    """Within the block, `layer`'s MLP runs on each row's last position only: its output (B, 1, D)
+    is added to every position's residual, so the others are wrong and must not be read (a forward
+    with logits_to_keep=1 reads the last position alone; the KV cache is made before the MLP)."""
+    if layer is None:
+        yield
+        return
+    handle = layer.mlp.register_forward_pre_hook(lambda _, args: (args[0][:, -1:], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _roomy_cache(model: torch.nn.Module, reserve: int) -> DynamicCache:
     """The DynamicCache the model would make itself, its full-attention layers `_RoomyLayer`s."""
     cache = DynamicCache(config=model.config)
@@ -304,11 +333,14 @@ class HFEngine:
     of their keys and values (`share_prefix`, `packed.prefix_attention`: the same keys, values and
     positions, so the same distribution, within float rounding of a row-by-row prefill); a row's
     cache holds only its own tokens, and a decode step reads the prefix's once, not once per row.
-    That takes full-attention layers under SDPA or eager; other models prefill each row whole. The
-    KV cache keeps room for the decode's next tokens (`_RoomyLayer`, up to CACHE_ROOM at a time): a
-    step writes its token in place, where a DynamicCache concatenates the whole cache into a new
-    tensor at each token. `hf_generate=True` runs transformers' `generate` with
-    num_return_sequences instead, which prefills every copy.
+    That takes full-attention layers under SDPA or eager; other models prefill each row whole. A
+    prefill keeps only its last position's logits: its last layer attends from that position alone
+    (after a shared prefix) and, in the decoder layers of `_POSITIONWISE_MLP`, runs its MLP there
+    alone (the other positions' outputs of that layer are never read). The KV cache keeps room for
+    the decode's next tokens (`_RoomyLayer`, up to CACHE_ROOM at a time): a step writes its token
+    in place, where a DynamicCache concatenates the whole cache into a new tensor at each token.
+    `hf_generate=True` runs transformers' `generate` with num_return_sequences instead, which
+    prefills every copy.
     With a seed the global RNG is forked and restored, so the trainer's RNG stream is untouched;
     the samples then depend on the seed, the requests and `batch_size` (vLLM seeds per request
     instead). The checkpoint's own generation defaults (Qwen ships top_k=1, repetition_penalty=1.05)
@@ -333,6 +365,9 @@ class HFEngine:
             enable_packed(model)  # the attention that reads a shared prefix (the model's own without one)
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
+        last = _last_layer(model)
+        # a prefill keeps its last position's logits alone: the last layer's MLP runs there only
+        self.last_mlp = last if type(last).__name__ in _POSITIONWISE_MLP and not hf_generate else None
 
     def generate(self, requests: list[GenRequest], sampling: SamplingConfig) -> list[list[GenOutput]]:
         check_requests(requests)
@@ -496,14 +531,18 @@ class HFEngine:
         if prefix is not None:  # the shared first tokens once; every row attends that one copy of their cache
             P = prefix.shape[1]
             first = DynamicCache(config=model.config)
-            model(input_ids=prefix, position_ids=pos[..., :1, :P], past_key_values=first, use_cache=True,
-                  logits_to_keep=1)
-            extra["shared_prefix"] = SharedPrefix([x.keys for x in first.layers], [x.values for x in first.layers])
+            with _last_position_mlp(self.last_mlp):  # only the cache is kept
+                model(input_ids=prefix, position_ids=pos[..., :1, :P], past_key_values=first, use_cache=True,
+                      logits_to_keep=1)
+            # the prefill keeps the last position's logits alone: its last layer attends from there only
+            extra["shared_prefix"] = SharedPrefix([x.keys for x in first.layers], [x.values for x in first.layers],
+                                                  last_query_layer=len(first.layers) - 1)
             pos, mask = pos[..., P:], mask[:, P:]  # the rows' own tokens: the cache below holds only theirs
         padded = not bool(mask.all())
         cache = _roomy_cache(model, min(sampling.max_tokens, self.CACHE_ROOM))
-        out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=pos, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1, **extra)
+        with _last_position_mlp(self.last_mlp):
+            out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=pos,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
         cache = out.past_key_values
         logits = out.logits[:, -1].float()  # (B, V)
         if R != B:

@@ -300,9 +300,14 @@ def _torch_varlen(varlen_attn):
 class SharedPrefix:
     """The keys and values of the first tokens every row of a batch starts with, one copy for all
     rows, layer by layer ((1, Hkv, P, d) each, as the model's KV cache holds them: after rotary).
-    `prefix_attention` attends each row's queries to them and to the row's own keys."""
+    `prefix_attention` attends each row's queries to them and to the row's own keys.
+
+    `last_query_layer`: a layer whose attention is wanted at each row's last position only (the
+    last layer of a prefill that keeps the last position's logits alone): there it attends that
+    position's query, and its other positions' outputs are zeros."""
     keys: list[Tensor]
     values: list[Tensor]
+    last_query_layer: int | None = None
     _mask: tuple = (None, None)  # the last boolean mask seen and its additive form: one per forward, every layer
 
     def additive(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -381,6 +386,12 @@ def _dispatch(base: str, module, query, key, value, attention_mask, dropout: flo
         i = module.layer_idx
         if attention_mask is not None and attention_mask.dtype == torch.bool:
             attention_mask = shared_prefix.additive(attention_mask, query.dtype)
+        if i == shared_prefix.last_query_layer and query.shape[2] > 1:
+            out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # (B, L, H, d)
+            out[:, -1:] = prefix_attention(query[:, :, -1:], key, value,
+                                           None if attention_mask is None else attention_mask[..., -1:, :],
+                                           shared_prefix.keys[i], shared_prefix.values[i], scaling)
+            return out, None
         return prefix_attention(query, key, value, attention_mask, shared_prefix.keys[i], shared_prefix.values[i],
                                 scaling), None
     if packed_layout is None:

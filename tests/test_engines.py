@@ -247,6 +247,49 @@ def test_hf_shared_prefix_goes_through_once(reasoner, reasoner_tok, text_request
         assert [[o.token_ids for o in s] for s in outs] == [[o.token_ids for o in s] for s in plain]
 
 
+def test_hf_prefill_runs_the_last_layer_for_the_last_position(tiny_captioner_dir, reasoner, reasoner_tok,
+                                                              text_requests, monkeypatch) -> None:
+    # A prefill keeps its last position's logits alone: the last layer attends from that position
+    # only (after a shared prefix) and its MLP runs there only; every other layer, and every decode
+    # step, runs whole. That the answers are unchanged is the tests above (generate's draws, the
+    # teacher-forced log-probs).
+    from racro_fast import packed
+    queries = []  # query positions of each prefix_attention call
+    attend = packed.prefix_attention
+
+    def recording(q, *args, **kwargs):
+        queries.append(q.shape[2])
+        return attend(q, *args, **kwargs)
+    monkeypatch.setattr(packed, "prefix_attention", recording)
+    mlp_rows = {0: [], 1: []}  # positions each layer's MLP saw
+    for i, layer in enumerate(reasoner.model.layers):
+        layer.mlp.register_forward_hook(lambda _, args, out, i=i: mlp_rows[i].append(out.shape[1]))
+    prefix = len(os.path.commonprefix([r.prompt_ids for r in text_requests]))
+    own = max(len(r.prompt_ids) for r in text_requests) - prefix
+    HFEngine(reasoner, reasoner_tok).generate(text_requests, SamplingConfig(n=1, temperature=0.0, max_tokens=3))
+    assert queries == [own, 1] + [1, 1] * 2, f"attention query positions a call: {queries}"
+    assert mlp_rows == {0: [prefix, own, 1, 1], 1: [1, 1, 1, 1]}, f"MLP positions a forward: {mlp_rows}"
+    # the captioner's text decoder too (no shared prefix with images: its attention runs whole)
+    captioner = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_captioner_dir))
+    assert HFEngine(captioner, reasoner_tok).last_mlp is captioner.model.language_model.layers[-1]
+
+
+def test_positionwise_mlp_layers_end_with_their_mlp_on_the_residual() -> None:
+    # The decoder layers whose last MLP the engine runs on the last position alone: in this
+    # transformers, each still ends by adding its MLP's output to the residual, position by position.
+    import importlib
+    import inspect
+
+    from racro_fast.engines import _POSITIONWISE_MLP
+    tail = ["hidden_states = self.post_attention_layernorm(hidden_states)", "hidden_states = self.mlp(hidden_states)",
+            "hidden_states = residual + hidden_states", "return hidden_states"]
+    for name in _POSITIONWISE_MLP:
+        family = name.removesuffix("DecoderLayer").lower()
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        lines = [x.strip() for x in inspect.getsource(getattr(module, name).forward).splitlines() if x.strip()]
+        assert lines[-4:] == tail, f"{name}.forward ends otherwise: {lines[-4:]}"
+
+
 def test_hf_repeated_prompts_prefill_once_and_draw_apart(reasoner, reasoner_tok, text_requests) -> None:
     # Captions that came out the same give the reasoner the same prompt: it is prefilled once and
     # each copy still gets its own n independent samples (not copies of one another's).
