@@ -165,10 +165,7 @@ def image_processor_only(image_processor, tokenizer):
 def trl_dataset(rows_path: str, min_pixels: int, max_pixels: int):
     """The rows as TRL's VLM path takes them: a conversational prompt (racro_fast's captioner
     messages, without the image part: TRL inserts it) and the image."""
-    import io
-
     from datasets import Dataset
-    from PIL import Image
 
     from racro_fast.data import RowDataset
     from racro_fast.prompts import captioner_messages

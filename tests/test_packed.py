@@ -101,7 +101,6 @@ def test_packed_positions_are_the_full_rows(tiny):
     assert int(cu_k[-1]) == batch.layout.kv_index.numel()
     seg = 0
     for g in groups:
-        P = samples[g[0]].prompt_len
         prompt_pos = batch.position_ids[:, 0, cu[seg]:cu[seg + 1]]
         seg += 1
         for i in g:
