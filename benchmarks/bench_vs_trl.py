@@ -124,12 +124,12 @@ class ReasonerReward:
 
     def __call__(self, prompts, completions, completion_ids, problem, answer, **_) -> list[float]:
         from racro_fast.engines import GenRequest, SamplingConfig
-        from racro_fast.prompts import clean_problem, reasoner_messages, text_prompt_ids
+        from racro_fast.prompts import clean_problem, reasoner_messages, text_prompt_ids_batch
         from racro_fast.rewards import boxed_math
         t0 = time.perf_counter()
         captions = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        requests = [GenRequest(prompt_ids=text_prompt_ids(self.tok, reasoner_messages(c, clean_problem(q))))
-                    for c, q in zip(captions, problem)]
+        requests = [GenRequest(prompt_ids=ids) for ids in text_prompt_ids_batch(
+            self.tok, [reasoner_messages(c, clean_problem(q)) for c, q in zip(captions, problem)])]
         r = self.cfg.rollout
         outs = self.engine.generate(requests, SamplingConfig(
             n=1, temperature=r.reasoner_temperature, top_p=r.reasoner_top_p, max_tokens=r.max_reasoner_tokens,

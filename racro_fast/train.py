@@ -46,7 +46,7 @@ from racro_fast.metrics import (MetricsLog, MetricSums, Phases, collapse_signal,
                                 policy_flops, reduce_over_ranks)
 from racro_fast.models import load_captioner, load_processors
 from racro_fast.prompts import (CaptionerInputs, build_captioner_inputs, captioner_messages, clean_problem,
-                                reasoner_messages, text_prompt_ids)
+                                reasoner_messages, text_prompt_ids_batch)
 from racro_fast.reasoner import ServerEngine, ServerLaunch, build_reasoner_engine
 from racro_fast.reward_pool import RewardScorer
 from racro_fast.rewards import caption_rewards, floor_short_captions
@@ -352,9 +352,8 @@ def rollout(cfg: Config, step: int, rows, inputs: list[CaptionerInputs], engines
         parallel.memory_gauge("captioner_sleep", gauges)
     with phases("reason"):
         questions = [clean_problem(r.problem) for r in rows]
-        r_requests = [GenRequest(prompt_ids=text_prompt_ids(engines.reasoner_tokenizer,
-                                                            reasoner_messages(c.text, questions[q])))
-                      for q in range(Q) for c in captions[q]]
+        r_requests = [GenRequest(prompt_ids=ids) for ids in text_prompt_ids_batch(
+            engines.reasoner_tokenizer, [reasoner_messages(c.text, questions[q]) for q in range(Q) for c in captions[q]])]
         answers = reason(engines.reasoner, r_requests, SamplingConfig(
             n=k, temperature=cfg.rollout.reasoner_temperature, top_p=cfg.rollout.reasoner_top_p,
             max_tokens=cfg.rollout.max_reasoner_tokens, seed=seed + Q * G, logprobs=False))  # [Q*G][k]

@@ -16,6 +16,7 @@ from racro_fast.prompts import (
     joint_messages,
     reasoner_messages,
     text_prompt_ids,
+    text_prompt_ids_batch,
 )
 from racro_fast.tiny import build_tokenizer
 
@@ -96,6 +97,31 @@ def test_text_prompt_ids_repeat_is_the_same_encoding_in_a_new_list(tokenizer):
     assert again is not first and again[-1] != -1
     other = text_prompt_ids(tokenizer, reasoner_messages("big red. small blue", "What colour is the small shape?"))
     assert other != again
+
+
+def test_text_prompt_ids_batch_encodes_what_the_memo_lacks_once(tokenizer, monkeypatch):
+    # A step's prompts in one call: each the tokenizer's ids for its text, in order, repeats and
+    # prompts already memoised included; only the texts not memoised go to the tokenizer, once
+    # each; the memo keeps the MEMO_SIZE texts used last (here 2).
+    from racro_fast import prompts
+    monkeypatch.setattr(prompts, "_ENCODED", type(prompts._ENCODED)())
+    monkeypatch.setattr(prompts, "MEMO_SIZE", 2)
+    convs = [reasoner_messages(c, "What colour is the big shape?") for c in ("big red", "small blue", "big red", "2")]
+    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in convs]
+    expected = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    text_prompt_ids(tokenizer, convs[3])  # memoised before
+    encoded = []
+    call = type(tokenizer).__call__
+
+    def recording(self, text, *args, **kwargs):
+        encoded.append(list(text))
+        return call(self, text, *args, **kwargs)
+    monkeypatch.setattr(type(tokenizer), "__call__", recording)
+    assert text_prompt_ids_batch(tokenizer, convs) == expected
+    assert encoded == [texts[:2]], f"the tokenizer encoded {encoded}"
+    assert [t for _, t in prompts._ENCODED] == [texts[2], texts[3]], "not the 2 used last, newest last"
+    assert text_prompt_ids_batch(tokenizer, convs[:3]) == expected[:3]
+    assert encoded[1:] == [[texts[1]]], "the one text the memo dropped is encoded again, alone"
 
 
 @pytest.mark.parametrize("sizes", [[(56, 56)], [(112, 56), (70, 90)]])
