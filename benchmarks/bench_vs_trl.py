@@ -14,9 +14,9 @@ an "image" column, a Qwen2.5-VL processor, HF generate, and a reward function th
 reasoner (with racro_fast's HF engine: the same reasoner cost on both sides) and grades.
 
 What differs, because TRL has no such setting: racro_fast's entropy bonus is off here (TRL has
-none); TRL's "dapo" loss (token mean over the batch) is racro_fast's "token-mean"; TRL grades in
-its process, racro_fast in its reward workers (rollout.reward_workers); the row order (each shuffles
-with its own sampler).
+none); TRL's "dapo" loss (token mean over the batch) is racro_fast's "token-mean"; the row order
+(each shuffles with its own sampler). Both grade in their own process (TRL always; racro_fast with
+the demo config's rollout.reward_workers: 0).
 
 --wide: the captioner is bench_step.py's model on CPU (8 layers of 512 with the 7B's head_dim,
 MLP and GQA proportions, 6400 output rows: the 7B's decoder:vocabulary FLOPs per caption token)
