@@ -13,6 +13,7 @@ grader (`rewards.boxed_math`). TRL's side is its documented VLM path: a conversa
 an "image" column, a Qwen2.5-VL processor, HF generate, and a reward function that runs the frozen
 reasoner (with racro_fast's HF engine: the same reasoner cost on both sides) and grades.
 
+Unlike the demo config, no KL term on either side (TRL's default beta, 0: no reference model).
 What differs, because TRL has no such setting: racro_fast's entropy bonus is off here (TRL has
 none); TRL's "dapo" loss (token mean over the batch) is racro_fast's "token-mean"; the row order
 (each shuffles with its own sampler). Both grade in their own process (TRL always; racro_fast with
@@ -56,12 +57,13 @@ SIDES = ("ours", "trl")
 
 def job_config(args: argparse.Namespace, out_dir: str):
     """The demo run config as both sides run it: the parent's models and rows, no entropy bonus,
-    no checkpoints, this seed's sampling."""
+    no KL term (no reference model: TRL's default beta), no checkpoints, this seed's sampling."""
     from racro_fast.config import load_config
     from racro_fast.demo import DEMO_CONFIG
     cfg = load_config(DEMO_CONFIG, [
         f"rollout.group_size={args.group}", f"train.questions_per_step={args.questions}",
         f"train.mini_batch={args.questions}", f"train.steps={args.warmup + args.steps}", "loss.entropy_coef=0.0",
+        "loss.kl_coef=0.0",
         f"run.output_dir={out_dir}", "run.save_every=0", "run.export=false", f"train.seed={args.seed}"])
     cfg.model.captioner, cfg.model.reasoner = args.captioner, args.reasoner
     cfg.data.synth_task, cfg.data.train_files = None, [args.rows]

@@ -72,8 +72,21 @@ def grpo_loss(provider: str):
     return f if isinstance(f, str) else (lambda: f().backward())
 
 
+def _draw(V: int):
+    """A decode step's draw of one token from each of 128 rows of V probabilities: ours (`engines.draw`,
+    one uniform a row) against eager's, generate's torch.multinomial (an exponential an entry)."""
+    def make(provider: str):
+        if provider not in ("torch", "ours"):
+            return "no such draw"
+        from racro_fast.engines import draw
+        p = torch.softmax(torch.randn(128, V, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
+        return (lambda: draw(p)) if provider == "ours" else (lambda: torch.multinomial(p, num_samples=1))
+    return make
+
+
 OPS = {"fused_linear_logprob": fused_linear_logprob, "fused_linear_grpo": fused_linear_grpo,
-       "logprob_from_logits": logprob_from_logits, "grpo_loss": grpo_loss}
+       "logprob_from_logits": logprob_from_logits, "grpo_loss": grpo_loss,
+       "draw_6400": _draw(6400), "draw_151936": _draw(151936)}
 
 
 def _median_ms(fn, reps: int = ROUNDS) -> float:

@@ -176,10 +176,14 @@ def test_hf_captioner_with_images(tiny_captioner_dir) -> None:
 
 @pytest.mark.parametrize("n, temperature, top_p", [(4, 1.0, 1.0), (4, 0.7, 0.9), (1, 1.0, 1.0), (1, 0.0, 1.0)])
 def test_hf_draws_are_generates(tiny_captioner_dir, reasoner, reasoner_tok, text_requests,
-                                n, temperature, top_p) -> None:
-    # A request's n samples decode from one prefill of its prompt; they are the samples that generate
-    # draws from n prefilled copies, token for token, on images (Qwen2.5-VL's 3-D positions) and on
-    # text, in padded batches, with stops at EOS inside a batch; greedy too.
+                                n, temperature, top_p, monkeypatch) -> None:
+    # A request's n samples decode from one prefill of its prompt; given generate's draw
+    # (multinomial, which `draw` replaces with one of the same distribution: tested below) they
+    # are the samples that generate draws from n prefilled copies, token for token, on images
+    # (Qwen2.5-VL's 3-D positions) and on text, in padded batches, with stops at EOS inside a
+    # batch; greedy too.
+    from racro_fast import engines
+    monkeypatch.setattr(engines, "draw", lambda probs: torch.multinomial(probs, num_samples=1).squeeze(1))
     tok = AutoTokenizer.from_pretrained(str(tiny_captioner_dir))
     captioner = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_captioner_dir))
     cases = [(captioner, tok, captioner_requests(tok, AutoImageProcessor.from_pretrained(str(tiny_captioner_dir)))),
@@ -202,6 +206,41 @@ def test_hf_draws_are_generates(tiny_captioner_dir, reasoner, reasoner_tok, text
     # teacher-forced too (the random captioner samples image tokens, which a forward cannot take back)
     assert_logp_match(reasoner, text_requests, ours, temperature, ATOL_HF, top_p=top_p)
     assert stops > 0, "no sample met EOS: the stop inside a batch went unchecked"
+
+
+def test_draw_follows_the_probabilities_and_never_draws_a_zero() -> None:
+    # 400,000 draws from each of two rows (zeros at both ends and inside, a tiny entry, a peaked
+    # row): every count within 5 standard deviations of n * p, no token of probability 0 ever
+    from racro_fast.engines import draw
+    p = torch.tensor([[0.0, 0.1, 0.0, 0.25, 1e-3, 0.4, 0.249, 0.0],
+                      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.97, 0.03]])
+    rows, n = p.shape[0], 400_000
+    torch.manual_seed(0)
+    tok = draw(p.repeat_interleave(n, dim=0)).view(rows, n)  # (rows, n)
+    counts = torch.stack([torch.bincount(t, minlength=p.shape[1]) for t in tok]).double()  # (rows, V)
+    expected, sd = n * p.double(), (n * p.double() * (1 - p.double())).sqrt()
+    assert torch.all(counts[p == 0] == 0), f"a zero-probability token was drawn: {counts}"
+    assert torch.all((counts - expected).abs() <= 5 * sd + 1e-9), f"counts {counts} against {expected}"
+
+
+@pytest.mark.parametrize("u, first", [(0.0, True), (1.0 - 2 ** -53, False), (1.0, False)])
+def test_draw_ends_of_the_uniform_land_on_tokens_that_can_be_drawn(monkeypatch, u, first) -> None:
+    # The uniform's ends: 0 draws the first token of nonzero probability, the largest double below
+    # 1 the last one, zeros before and after; so does 1 itself (u * total == total, which
+    # torch.rand does not return: the guard that keeps u below the total)
+    from racro_fast import engines
+    p = torch.tensor([[0.0, 0.0, 0.3, 0.2, 0.5, 0.0, 0.0], [0.0, 1e-30, 0.0, 0.0, 0.0, 1.0 - 1e-30, 0.0]])
+    monkeypatch.setattr(engines.torch, "rand", lambda *shape, **kw: torch.full(*shape, u, **kw))
+    assert engines.draw(p).tolist() == ([2, 1] if first else [4, 5])
+
+
+def test_draw_rejects_a_row_that_is_not_a_distribution() -> None:
+    from racro_fast.engines import draw
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="inf, nan"):
+            draw(torch.tensor([[0.5, 0.5], [bad, 0.1]]))
+    with pytest.raises(ValueError, match="zeros"):
+        draw(torch.zeros(1, 3))
 
 
 def forward_widths(model) -> list[tuple[int, int]]:
