@@ -11,6 +11,7 @@ section), validated there.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import types
 import typing
@@ -340,6 +341,29 @@ def check_world(cfg: Config, world_size: int) -> None:
     if t.mini_batch % world_size:
         raise ConfigError(f"train.mini_batch: {t.mini_batch} questions do not divide over {world_size} ranks "
                           "(a group of captions never spans ranks)")
+
+
+# What a resumed run may change without a word: how long it runs, where and how it writes and logs,
+# and the launcher's timeouts. Any other field changed since the checkpoint is a different run.
+RESUME_MAY_CHANGE = ("train.steps", "run.", "dist.")
+
+
+def changes_since(saved: dict, cfg: Config) -> list[str]:
+    """The fields of `cfg` that differ from `saved` (a checkpoint's `Config.to_dict()`), as
+    "section.field: old -> new", leaving out RESUME_MAY_CHANGE; a field one side lacks (another
+    version of racro_fast) counts as changed."""
+    now = json.loads(json.dumps(cfg.to_dict()))  # the checkpoint's form: tuples as lists
+    out = []
+    for section in sorted(set(saved) | set(now)):
+        old, new = saved.get(section, {}), now.get(section, {})
+        for name in sorted(set(old) | set(new)):
+            key = f"{section}.{name}"
+            if key.startswith(RESUME_MAY_CHANGE):
+                continue
+            a, b = old.get(name, "(absent)"), new.get(name, "(absent)")
+            if a != b:
+                out.append(f"{key}: {a!r} -> {b!r}")
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from racro_fast import checkpoint, dist, launch, parallel
-from racro_fast.config import Config, ConfigError, check_paths, check_world, load_config
+from racro_fast.config import Config, ConfigError, changes_since, check_paths, check_world, load_config
 from racro_fast.data import RowDataset, RowStream
 from racro_fast.engines import (MM_LIMITS, Engine, GenOutput, GenRequest, HFEngine, SamplingConfig, VLLMEngine,
                                 push_weights)
@@ -272,6 +272,9 @@ def resume(cfg: Config, out_dir: Path, policy: Policy, stream: RowStream) -> tup
         return 0, stream
     state = checkpoint.load(ckpt, policy.backend, policy.model, policy.optimizer, policy.scheduler)
     streams, step = state["data"]["stream"], state["step"]
+    changed = changes_since(state["config"], cfg) if "config" in state else []
+    if changed and dist.rank() == 0:  # the run goes on, but it is no longer the run that was checkpointed
+        log.warning("resuming %s with a config that differs from the one that wrote it: %s", ckpt, "; ".join(changed))
     if state["world"] == dist.world_size():
         stream.load(streams[dist.rank()])
     else:
@@ -490,7 +493,8 @@ def save(cfg: Config, out_dir: Path, step: int, policy: Policy, stream: RowStrea
     """A checkpoint every run.save_every steps and at the last step."""
     if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or step + 1 == cfg.train.steps:
         checkpoint.save(out_dir, step + 1, policy.backend, policy.model, policy.optimizer, policy.scheduler,
-                        {"data": {"stream": dist.all_gather_object(stream.state())}}, cfg.run.keep_checkpoints)
+                        {"data": {"stream": dist.all_gather_object(stream.state())},
+                         "config": json.loads(json.dumps(cfg.to_dict()))}, cfg.run.keep_checkpoints)
 
 
 def finish(cfg: Config, out_dir: Path, policy: Policy, dataset: RowDataset, engines: Engines) -> None:

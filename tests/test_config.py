@@ -76,3 +76,21 @@ def test_collective_timeout_must_cover_the_reasoner_phase():
     assert cfg.dist.timeout_s == 610
     for path in sorted((ROOT / "configs").glob("*.yaml")):  # every shipped config passes the rule with its defaults
         load_config(path)
+
+
+def test_changes_since_a_checkpoint_name_each_field_but_the_ones_a_resume_may_change():
+    import json
+    from racro_fast.config import changes_since
+    saved = json.loads(json.dumps(load_config(ROOT / "configs" / "demo_cpu.yaml").to_dict()))
+    same = load_config(ROOT / "configs" / "demo_cpu.yaml", ["train.steps=300", "run.output_dir=/elsewhere",
+                                                             "run.progress=false", "dist.timeout_s=900"])
+    assert changes_since(saved, same) == []
+    other = load_config(ROOT / "configs" / "demo_cpu.yaml", ["loss.kl_coef=0.0", "train.lr=1e-4",
+                                                              "data.train_files=[a.parquet, b.parquet]",
+                                                              "data.synth_task="])
+    changed = changes_since(saved, other)
+    assert changed == ["data.synth_task: 'scene' -> ''", "data.train_files: [] -> ['a.parquet', 'b.parquet']",
+                       "loss.kl_coef: 0.1 -> 0.0",
+                       "train.lr: 0.0002 -> 0.0001"], changed
+    del saved["rollout"]["hf_batch"]  # a checkpoint of a version without the field
+    assert changes_since(saved, same) == ["rollout.hf_batch: '(absent)' -> 128"]

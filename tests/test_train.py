@@ -36,13 +36,15 @@ def final_weights(out: Path) -> dict:
     return model_weights(ckpts[-1])
 
 
-def test_exact_resume(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
+def test_exact_resume(tmp_path, tiny_captioner_dir, tiny_reasoner_dir, caplog):
     """4 steps straight == 2 steps + resume + 2 steps: same losses, same weights (bit for bit)."""
     a, b = tmp_path / "a", tmp_path / "b"
     hist_a = train(tiny_cfg(a, tiny_captioner_dir, tiny_reasoner_dir, 4))["history"]
     train(tiny_cfg(b, tiny_captioner_dir, tiny_reasoner_dir, 2))
-    hist_b = train(tiny_cfg(b, tiny_captioner_dir, tiny_reasoner_dir, 4))["history"]
+    with caplog.at_level("WARNING", logger="racro_fast.train"):
+        hist_b = train(tiny_cfg(b, tiny_captioner_dir, tiny_reasoner_dir, 4))["history"]
     assert [h["step"] for h in hist_b] == [3, 4], "the resumed run must start after the checkpoint"
+    assert "differs" not in caplog.text, "only train.steps changed, which a resume may change"
     for ha, hb in zip(hist_a[2:], hist_b):
         for key in ("loss", "reward_mean", "kl_mean", "caption_len_mean", "grad_norm"):
             assert ha[key] == hb[key], f"step {ha['step']} {key}: straight {ha[key]} vs resumed {hb[key]}"
@@ -56,6 +58,20 @@ def test_exact_resume(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
     w0 = load_file(str(Path(tiny_captioner_dir) / "model.safetensors"))
     moved = max((wa[k] - w0[k]).abs().max().item() for k in wa if k in w0)
     assert moved > 0, "training did not change any weight"
+
+
+def test_a_resume_with_another_config_names_what_changed(tmp_path, tiny_captioner_dir, tiny_reasoner_dir, caplog):
+    # The checkpoint holds the config that wrote it: resuming with a different loss (not only more
+    # steps or another log setting) goes on, and says which fields differ, old -> new
+    out = tmp_path / "run"
+    train(tiny_cfg(out, tiny_captioner_dir, tiny_reasoner_dir, 1))
+    with caplog.at_level("WARNING", logger="racro_fast.train"):
+        hist = train(tiny_cfg(out, tiny_captioner_dir, tiny_reasoner_dir, 2, "loss.kl_coef=0.002",
+                              "rollout.temperature=0.9", "run.keep_checkpoints=3"))["history"]
+    assert [h["step"] for h in hist] == [2]
+    line = next(r.getMessage() for r in caplog.records if "differs" in r.getMessage())
+    assert "loss.kl_coef: 0.001 -> 0.002" in line and "rollout.temperature: 1.0 -> 0.9" in line, line
+    assert "train.steps" not in line and "run." not in line, line
 
 
 def test_corrupt_rows_are_skipped_and_counted(tmp_path, tiny_captioner_dir, tiny_reasoner_dir):
