@@ -190,6 +190,10 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_plain(self) -> dict:
+        """`to_dict` in JSON's types (tuples as lists): what a checkpoint holds and compares with."""
+        return json.loads(json.dumps(self.to_dict()))
+
 
 def _coerce(name: str, value, typ):
     """Turn a YAML value or a command-line string into `typ`, or raise naming the field."""
@@ -349,10 +353,10 @@ RESUME_MAY_CHANGE = ("train.steps", "run.", "dist.")
 
 
 def changes_since(saved: dict, cfg: Config) -> list[str]:
-    """The fields of `cfg` that differ from `saved` (a checkpoint's `Config.to_dict()`), as
+    """The fields of `cfg` that differ from `saved` (a checkpoint's `Config.to_plain()`), as
     "section.field: old -> new", leaving out RESUME_MAY_CHANGE; a field one side lacks (another
     version of racro_fast) counts as changed."""
-    now = json.loads(json.dumps(cfg.to_dict()))  # the checkpoint's form: tuples as lists
+    now = cfg.to_plain()
     out = []
     for section in sorted(set(saved) | set(now)):
         old, new = saved.get(section, {}), now.get(section, {})

@@ -494,7 +494,7 @@ def save(cfg: Config, out_dir: Path, step: int, policy: Policy, stream: RowStrea
     if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or step + 1 == cfg.train.steps:
         checkpoint.save(out_dir, step + 1, policy.backend, policy.model, policy.optimizer, policy.scheduler,
                         {"data": {"stream": dist.all_gather_object(stream.state())},
-                         "config": json.loads(json.dumps(cfg.to_dict()))}, cfg.run.keep_checkpoints)
+                         "config": cfg.to_plain()}, cfg.run.keep_checkpoints)
 
 
 def finish(cfg: Config, out_dir: Path, policy: Policy, dataset: RowDataset, engines: Engines) -> None:
